@@ -1,0 +1,59 @@
+"""The async engine, set up per backend.
+
+SQLite: WAL with synchronous=FULL (a 202 means the event survives a power cut), a busy timeout,
+foreign keys on, and `BEGIN IMMEDIATE` for write transactions so that concurrent writers queue on
+the lock instead of failing to upgrade a read lock. PostgreSQL: asyncpg with a fixed pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+# Execution option that marks a connection's next transaction as a writer (SQLite only).
+WRITE = {"leadscore_write": True}
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An async engine for `url`; nothing connects until first use."""
+    if is_sqlite(url):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        pool_recycle=1800,
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (the driver's implicit BEGIN is deferred).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(conn: Any) -> None:
+        write = conn.get_execution_options().get("leadscore_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
+    """A connection whose transactions take the write lock up front on SQLite."""
+    conn = await engine.connect()
+    return await conn.execution_options(**WRITE)
