@@ -77,9 +77,7 @@ class Lead(SQLModel, table=True):
     updated_at: dt.datetime = _ts()
     # Event time of each trait's value, so that events applied in any order give the same traits.
     traits: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(json_type(), nullable=False))
-    trait_times: dict[str, str] = Field(
-        default_factory=dict, sa_column=sa.Column(json_type(), nullable=False)
-    )
+    trait_times: dict[str, str] = Field(default_factory=dict, sa_column=sa.Column(json_type(), nullable=False))
     first_event_at: dt.datetime | None = _ts(nullable=True)
     last_event_at: dt.datetime | None = _ts(nullable=True)
     merged_into_id: uuid.UUID | None = Field(default=None, foreign_key="lead.id", nullable=True)
@@ -142,6 +140,4 @@ class LeadMerge(SQLModel, table=True):
     merged_id: uuid.UUID = Field(foreign_key="lead.id", nullable=False, index=True)
     event_id: uuid.UUID = Field(nullable=False)
     merged_at: dt.datetime = _ts()
-    identities: list[dict[str, str]] = Field(
-        default_factory=list, sa_column=sa.Column(json_type(), nullable=False)
-    )
+    identities: list[dict[str, str]] = Field(default_factory=list, sa_column=sa.Column(json_type(), nullable=False))

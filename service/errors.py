@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from service.responses import JsonResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.responses import JsonResponse
 
 
 class LeadscoreError(Exception):
@@ -114,10 +115,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(_: Request, exc: Exception) -> JsonResponse:
         assert isinstance(exc, RequestValidationError)
-        detail = [
-            {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]}
-            for e in exc.errors()
-        ]
+        detail = [{"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         return JsonResponse({"error": "InvalidRequest", "detail": detail}, status_code=422)
 
     async def on_http_error(_: Request, exc: Exception) -> JsonResponse:

@@ -8,7 +8,7 @@ import uuid
 
 
 def uuid7() -> uuid.UUID:
-    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits; sorts by creation time to the millisecond."""
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits (time-ordered to the ms)."""
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & ((1 << 48) - 1)) << 80

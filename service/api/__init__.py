@@ -1,0 +1,1 @@
+"""HTTP routers, grouped by caller: webhook senders, API readers, health and metrics."""

@@ -1,0 +1,59 @@
+"""Dependencies shared by the routers, as `Annotated` aliases."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.auth import Principal, authenticate, require_role
+from service.ingest import IngestWriter
+from service.settings import Settings
+from service.sources import SourceRegistry
+from service.webhooks.receive import WebhookLimits
+
+
+@dataclass(frozen=True)
+class Services:
+    """Things with a lifetime, made once in the app's lifespan."""
+
+    settings: Settings
+    engine: AsyncEngine
+    registry: SourceRegistry
+    writer: IngestWriter
+    limits: WebhookLimits
+    migration_head: str | None
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def _principal(
+    services: ServicesDep,
+    authorization: Annotated[str | None, Header(description="`Bearer <API key>`")] = None,
+) -> Principal:
+    return await authenticate(services.engine, authorization, now=utcnow())
+
+
+async def _viewer(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+    return require_role(principal, ("viewer", "ops"))
+
+
+async def _ops(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+    return require_role(principal, ("ops",))
+
+
+Viewer = Annotated[Principal, Depends(_viewer)]
+OpsAdmin = Annotated[Principal, Depends(_ops)]

@@ -1,0 +1,57 @@
+"""Health, readiness and metrics: for load balancers, orchestrators and Prometheus."""
+
+from __future__ import annotations
+
+import os
+
+import sqlalchemy as sa
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from starlette.responses import Response
+
+from service.api.deps import ServicesDep
+from service.metrics import DB_ERRORS
+from service.responses import JsonResponse
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Not ready: database or migrations."}})
+async def readyz(services: ServicesDep) -> Response:
+    """Ready when the database answers and its schema is at the migrations' head."""
+    try:
+        async with services.engine.connect() as conn:
+            version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()
+    except Exception as exc:
+        DB_ERRORS.labels(operation="readyz").inc()
+        return JsonResponse(
+            {"status": "unavailable", "database": "unreachable", "detail": type(exc).__name__},
+            status_code=503,
+        )
+    if version != services.migration_head:
+        return JsonResponse(
+            {
+                "status": "unavailable",
+                "database": "ok",
+                "migration": version,
+                "head": services.migration_head,
+            },
+            status_code=503,
+        )
+    return JsonResponse({"status": "ok", "database": "ok", "migration": version})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    """Prometheus exposition, across processes when PROMETHEUS_MULTIPROC_DIR is set."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,83 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.api import health, leads, webhooks
+from service.api.deps import Services
+from service.db import create_engine
+from service.errors import install_error_handlers
+from service.events import LeadEvent
+from service.ingest import IngestWriter
+from service.metrics import RequestMetrics
+from service.migrate import head
+from service.settings import Settings
+from service.sources import SourceRegistry
+from service.webhooks.receive import WebhookLimits
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; nothing connects until the lifespan starts."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        writer = IngestWriter(
+            engine,
+            max_batch_events=settings.group_commit_max_events,
+            retry_after=settings.retry_after_seconds,
+        )
+        writer.start()
+        app.state.services = Services(
+            settings=settings,
+            engine=engine,
+            registry=SourceRegistry(
+                engine, ttl=settings.source_cache_seconds, retry_after=settings.retry_after_seconds
+            ),
+            writer=writer,
+            limits=WebhookLimits(
+                max_body_bytes=settings.max_body_bytes,
+                max_events=settings.max_events_per_request,
+                tolerance=dt.timedelta(seconds=settings.webhook_tolerance_seconds),
+            ),
+            migration_head=head(),
+        )
+        try:
+            yield
+        finally:
+            await writer.stop()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Leadscore",
+        version="0.1.0",
+        description="Lead events in through signed webhooks; explainable scores and CRM handoffs out.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestMetrics)
+    install_error_handlers(app)
+    app.include_router(webhooks.router)
+    app.include_router(leads.router)
+    app.include_router(health.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            # The webhook body is read raw, so FastAPI does not see LeadEvent: publish it ourselves.
+            event_schema = LeadEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(event_schema.pop("$defs", {}))
+            components["LeadEvent"] = event_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

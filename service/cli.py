@@ -1,0 +1,200 @@
+"""`leadscore`: the ops command line."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service import migrate as migrations
+from service.auth import ROLES, create_key
+from service.db import create_engine
+from service.logging import configure_logging
+from service.repositories import keys as keys_repo
+from service.settings import Settings
+from service.sources import SourceError, add_source, list_all, retire_source_secrets, rotate_source
+
+T = TypeVar("T")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _with_engine(fn: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    async def run() -> T:
+        engine = create_engine(Settings().database_url, pool_size=1)
+        try:
+            return await fn(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except SourceError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def main() -> None:
+    """Leadscore: lead scoring and routing. Settings come from LEADSCORE_* variables."""
+    settings = Settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+
+
+@main.command()
+@click.option("--revision", default="head", show_default=True)
+def migrate(revision: str) -> None:
+    """Bring the database schema to the latest migration."""
+    url = Settings().database_url
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    migrations.upgrade(url, revision)
+    click.echo(f"database at {revision}", err=True)
+
+
+@main.command()
+@click.option("--host", default=None, help="Default: LEADSCORE_HOST.")
+@click.option("--port", type=int, default=None, help="Default: LEADSCORE_PORT.")
+@click.option("--workers", type=int, default=None, help="Default: LEADSCORE_WORKERS.")
+@click.option("--dev/--no-dev", default=None, help="Dev mode (demo source and ops key). Default: LEADSCORE_DEV_MODE.")
+@click.option("--access-log/--no-access-log", default=False, show_default=True)
+def serve(host: str | None, port: int | None, workers: int | None, dev: bool | None, access_log: bool) -> None:
+    """Run the HTTP service (migrations are a separate step: `leadscore migrate`)."""
+    settings = Settings()
+    host = host or settings.host
+    port = port or settings.port
+    workers = workers or settings.workers
+    if dev is not None:
+        os.environ["LEADSCORE_DEV_MODE"] = "true" if dev else "false"
+        settings = Settings()
+    if settings.dev_mode:
+        from service.dev import bootstrap
+
+        _with_engine(lambda engine: bootstrap(engine, var_dir=settings.var_dir, base_url=f"http://{host}:{port}"))
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Each worker writes its metrics here so /metrics can add them up.
+        metrics_dir = settings.var_dir / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=access_log,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+    )
+
+
+@main.group()
+def sources() -> None:
+    """Webhook sources and their signing secrets."""
+
+
+@sources.command("add")
+@click.argument("name")
+@click.option("--scheme", default="standard", show_default=True, help="Signature scheme.")
+def sources_add(name: str, scheme: str) -> None:
+    """Create a source; prints its secret once, as JSON."""
+    created = _with_engine(lambda e: add_source(e, name=name, scheme=scheme, now=_now()))
+    _print_json({"name": created.name, "scheme": created.scheme, "secret": created.secret})
+
+
+@sources.command("list")
+def sources_list() -> None:
+    """List sources (never their secrets)."""
+    rows = _with_engine(list_all)
+    _print_json(
+        [{"name": r.name, "scheme": r.scheme, "enabled": r.enabled, "live_secrets": len(r.secrets)} for r in rows]
+    )
+
+
+@sources.command("rotate")
+@click.argument("name")
+def sources_rotate(name: str) -> None:
+    """Add a new secret; the old one stays valid until `sources retire`. Prints the new secret."""
+    created = _with_engine(lambda e: rotate_source(e, name=name, now=_now()))
+    _print_json({"name": created.name, "scheme": created.scheme, "secret": created.secret})
+
+
+@sources.command("retire")
+@click.argument("name")
+def sources_retire(name: str) -> None:
+    """Retire every secret of the source but the newest."""
+    count = _with_engine(lambda e: retire_source_secrets(e, name=name, now=_now()))
+    _print_json({"name": name, "retired": count})
+
+
+@main.group()
+def keys() -> None:
+    """API keys for the HTTP API."""
+
+
+@keys.command("create")
+@click.option("--role", type=click.Choice(ROLES), required=True)
+@click.option("--name", required=True)
+@click.option("--expires-in-days", type=int, default=None)
+def keys_create(role: str, name: str, expires_in_days: int | None) -> None:
+    """Create a key; prints it once, as JSON (only its hash is stored)."""
+    now = _now()
+    expires = now + dt.timedelta(days=expires_in_days) if expires_in_days else None
+    created = _with_engine(
+        lambda e: create_key(e, name=name, role="ops" if role == "ops" else "viewer", now=now, expires_at=expires)
+    )
+    _print_json(
+        {
+            "id": created.id,
+            "name": created.name,
+            "role": created.role,
+            "key": created.key,
+            "expires_at": created.expires_at,
+        }
+    )
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (their prefixes, never the keys)."""
+
+    async def run(engine: AsyncEngine) -> list[keys_repo.ApiKeyRow]:
+        async with engine.connect() as conn:
+            return await keys_repo.list_keys(conn)
+
+    _print_json([vars(k) for k in _with_engine(run)])
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key by id; it stops working at once."""
+
+    async def run(engine: AsyncEngine) -> bool:
+        async with engine.begin() as conn:
+            return await keys_repo.revoke_key(conn, key_id=key_id, now=_now())
+
+    if not _with_engine(run):
+        raise click.ClickException(f"no live key with id {key_id}")
+    _print_json({"id": key_id, "revoked": True})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Dev mode: a `demo` webhook source and an ops key, so a fresh checkout can be tried at once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.auth import create_key
+from service.sources import SourceRegistry, add_source, rotate_source
+
+log = structlog.get_logger(__name__)
+
+DEMO_SOURCE = "demo"
+
+
+async def bootstrap(engine: AsyncEngine, *, var_dir: Path, base_url: str) -> Path:
+    """Create what is missing and write `<var_dir>/dev-credentials.json` (mode 0600)."""
+    path = var_dir / "dev-credentials.json"
+    now = dt.datetime.now(dt.UTC)
+    known: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    source = await SourceRegistry(engine, ttl=0, retry_after=1).get(DEMO_SOURCE)
+    secret = known.get("webhook_secret")
+    if source is None:
+        secret = (await add_source(engine, name=DEMO_SOURCE, scheme="standard", now=now)).secret
+    elif secret not in source.secrets:
+        secret = (await rotate_source(engine, name=DEMO_SOURCE, now=now)).secret
+    ops_key = known.get("ops_api_key")
+    if not ops_key:
+        ops_key = (await create_key(engine, name="dev-ops", role="ops", now=now)).key
+    credentials = {
+        "webhook_url": f"{base_url}/v1/webhooks/{DEMO_SOURCE}",
+        "webhook_source": DEMO_SOURCE,
+        "webhook_scheme": "standard",
+        "webhook_secret": secret,
+        "ops_api_key": ops_key,
+    }
+    if credentials != known:
+        var_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(credentials, f, indent=2)
+            f.write("\n")
+    log.info(
+        "dev mode: demo webhook source and ops key ready",
+        credentials_file=str(path),
+        webhook_url=credentials["webhook_url"],
+    )
+    return path

@@ -1,0 +1,129 @@
+"""The canonical lead event every webhook source is mapped to, and the ingest answers.
+
+These are the HTTP schemas of the webhook API; they are published in the OpenAPI description.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+Scalar = str | int | float | bool | None
+ShortStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Namespace = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class Subject(BaseModel):
+    """Who the event is about: an email, ids in other systems, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, max_length=320)] | None = Field(
+        default=None, description="Trimmed and lower-cased before matching.", examples=["ana@acme.io"]
+    )
+    external_ids: dict[Namespace, ShortStr] = Field(
+        default_factory=dict,
+        description="Ids of this person in other systems, by system name.",
+        examples=[{"hubspot": "123", "segment": "u-42"}],
+    )
+
+    @model_validator(mode="after")
+    def _has_a_key(self) -> Subject:
+        if self.email is not None:
+            if self.email == "":
+                self.email = None
+            else:
+                local, sep, domain = self.email.rpartition("@")
+                if not sep or not local or "." not in domain or " " in self.email:
+                    raise ValueError("email is not an address")
+        if self.email is None and not self.external_ids:
+            raise ValueError("subject needs an email or at least one external id")
+        return self
+
+    def identities(self) -> list[tuple[str, str]]:
+        """The `(namespace, value)` keys naming this person; `email` is a namespace of its own."""
+        keys = [("email", self.email)] if self.email else []
+        keys.extend(sorted(self.external_ids.items()))
+        return keys
+
+
+class LeadEvent(BaseModel):
+    """One thing that happened to or about a lead."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: ShortStr | None = Field(
+        default=None,
+        description="The sender's id of this event, unique per source; repeats are duplicates. "
+        "When absent, the request's `webhook-id` (with the list index for a list body) is used.",
+    )
+    type: Literal["lead.identified", "lead.updated", "lead.activity"]
+    occurred_at: AwareDatetime = Field(description="When it happened, with a UTC offset.")
+    subject: Subject
+    traits: dict[Annotated[str, StringConstraints(min_length=1, max_length=200)], Scalar] = Field(
+        default_factory=dict,
+        description="Flat attributes of the lead (job title, country, ...); values are scalars.",
+    )
+    name: ShortStr | None = Field(
+        default=None, description="For `lead.activity`: what was done (`Page Viewed`, `Form Submitted`)."
+    )
+    properties: dict[str, Any] = Field(default_factory=dict, description="For `lead.activity`: its details.")
+
+    @model_validator(mode="after")
+    def _activity_has_name(self) -> LeadEvent:
+        if self.type == "lead.activity" and not self.name:
+            raise ValueError("a lead.activity event needs a name")
+        if self.type != "lead.activity" and (self.name or self.properties):
+            raise ValueError("name and properties belong to lead.activity events only")
+        return self
+
+
+class EventAccepted(BaseModel):
+    """The answer to an accepted (202) or duplicate (200) webhook request."""
+
+    lead_id: uuid.UUID | None = Field(description="The lead of the events, or null when they name several.")
+    lead_ids: list[uuid.UUID] = Field(description="The lead of each event, in request order.")
+    event_ids: list[uuid.UUID] = Field(description="Leadscore's id of each event, in request order.")
+    duplicate: bool = Field(description="True when every event of the request had been received before.")
+    duplicates: list[bool] = Field(description="Per event: had it been received before?")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    error: str = Field(examples=["InvalidSignature"])
+    detail: Any = None
+
+
+class IdentityRead(BaseModel):
+    namespace: str
+    value: str
+
+
+class EventRead(BaseModel):
+    id: uuid.UUID
+    source: str
+    external_id: str
+    type: str
+    name: str | None
+    occurred_at: dt.datetime
+    received_at: dt.datetime
+    payload: dict[str, Any]
+
+
+class LeadRead(BaseModel):
+    """A lead with its identities and its most recent events."""
+
+    id: uuid.UUID
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    first_event_at: dt.datetime | None
+    last_event_at: dt.datetime | None
+    traits: dict[str, Any]
+    identities: list[IdentityRead]
+    merged_ids: list[uuid.UUID] = Field(description="Leads that were found to be this person and merged in.")
+    events: list[EventRead]
+    events_total: int

@@ -1,0 +1,259 @@
+"""Ingest use case: persist verified webhook requests, with a group commit.
+
+Each request becomes an `IngestJob`; a writer task takes every job that is waiting when it is
+free and writes them all in one transaction (deduplicate, resolve identities, store), then answers
+each job only after that commit. Under load the batches grow, so the disk's commit rate stops being
+the ceiling; when idle a batch is a single job, so there is no added latency (no timer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from service.db import writer_connection
+from service.errors import StorageUnavailable
+from service.events import LeadEvent
+from service.identity import Resolver
+from service.ids import uuid7
+from service.metrics import DB_ERRORS, GROUP_COMMIT_EVENTS
+from service.repositories import ingest as repo
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestJob:
+    """One verified request: its events and the raw body they came from."""
+
+    source_id: int
+    webhook_id: str | None
+    content_type: str
+    body: bytes
+    events: list[LeadEvent]
+    event_keys: list[str]
+    received_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    lead_ids: list[uuid.UUID]
+    event_ids: list[uuid.UUID]
+    duplicates: list[bool]
+
+    @property
+    def duplicate(self) -> bool:
+        return all(self.duplicates)
+
+
+def event_keys(events: list[LeadEvent], webhook_id: str | None) -> list[str]:
+    """The deduplication key of each event: the sender's event id, else the request's webhook id
+    (with the position in a list body). Raises ValueError when there is neither."""
+    keys: list[str] = []
+    for index, event in enumerate(events):
+        if event.id:
+            keys.append(event.id)
+        elif webhook_id:
+            keys.append(webhook_id if len(events) == 1 else f"{webhook_id}#{index}")
+        else:
+            raise ValueError(f"event {index} has no id and the request has no webhook id")
+    return keys
+
+
+async def write_batch(conn: AsyncConnection, jobs: list[IngestJob], now: dt.datetime) -> list[IngestResult]:
+    """Write the jobs in the connection's open transaction; the caller commits."""
+    event_refs = [(job.source_id, key) for job in jobs for key in job.event_keys]
+    identity_keys = [k for job in jobs for e in job.events for k in e.subject.identities()]
+    await repo.lock_names(
+        conn,
+        [repo.lock_key("event", str(s), k) for s, k in event_refs]
+        + [repo.lock_key("identity", ns, v) for ns, v in identity_keys],
+    )
+    stored = await repo.find_events(conn, event_refs)
+
+    identities = await repo.find_identities(conn, identity_keys)
+    leads, merged = await repo.lock_leads(conn, identities.values())
+    # Leads merged away by a transaction we waited for: load their survivors too.
+    pending = set(merged.values()) - leads.keys()
+    while pending:
+        more, more_merged = await repo.lock_leads(conn, pending)
+        leads.update(more)
+        merged.update(more_merged)
+        pending = set(more_merged.values()) - leads.keys()
+    resolver = Resolver(identities=identities, leads=leads, now=now, new_id=uuid7)
+    for merged_id, survivor_id in merged.items():
+        resolver.redirect(merged_id, survivor_id)
+
+    seen: dict[tuple[int, str], tuple[uuid.UUID, uuid.UUID]] = {}
+    event_rows: list[dict[str, Any]] = []
+    request_rows: list[dict[str, Any]] = []
+    raw: list[tuple[list[tuple[uuid.UUID, uuid.UUID]], list[bool]]] = []
+    for job in jobs:
+        request_id = uuid7()
+        refs: list[tuple[uuid.UUID, uuid.UUID]] = []
+        dups: list[bool] = []
+        for event, key in zip(job.events, job.event_keys, strict=True):
+            ref = (job.source_id, key)
+            if ref in stored or ref in seen:
+                refs.append(stored.get(ref) or seen[ref])
+                dups.append(True)
+                continue
+            event_id = uuid7()
+            lead_id = resolver.apply(
+                event_id=event_id,
+                identities=event.subject.identities(),
+                occurred_at=event.occurred_at,
+                traits=event.traits,
+            )
+            seen[ref] = (event_id, lead_id)
+            refs.append((event_id, lead_id))
+            dups.append(False)
+            event_rows.append(
+                {
+                    "id": event_id,
+                    "source_id": job.source_id,
+                    "external_id": key,
+                    "request_id": request_id,
+                    "lead_id": lead_id,
+                    "type": event.type,
+                    "name": event.name,
+                    "occurred_at": event.occurred_at,
+                    "received_at": job.received_at,
+                    "payload": event.model_dump(mode="json", exclude_none=True),
+                }
+            )
+        if not all(dups):
+            request_rows.append(
+                {
+                    "id": request_id,
+                    "source_id": job.source_id,
+                    "webhook_id": job.webhook_id,
+                    "content_type": job.content_type,
+                    "body": job.body,
+                    "received_at": job.received_at,
+                }
+            )
+        raw.append((refs, dups))
+
+    for row in event_rows:
+        row["lead_id"] = resolver.final(row["lead_id"])
+    new_leads = [s for s in resolver.leads.values() if s.is_new]
+    changed = [s for s in resolver.leads.values() if s.changed and not s.is_new]
+    await repo.insert_requests(conn, request_rows)
+    await repo.insert_leads(conn, new_leads, now)
+    await repo.insert_identities(conn, {k: resolver.final(v) for k, v in resolver.new_identities.items()}, now)
+    await repo.record_merges(conn, resolver.merges, now)
+    await repo.update_leads(conn, changed, now)
+    await repo.insert_events(conn, event_rows)
+
+    return [
+        IngestResult(
+            lead_ids=[resolver.final(lead_id) for _, lead_id in refs],
+            event_ids=[event_id for event_id, _ in refs],
+            duplicates=dups,
+        )
+        for refs, dups in raw
+    ]
+
+
+_Pending = tuple[IngestJob, "asyncio.Future[IngestResult]"]
+
+
+class IngestWriter:
+    """The group-commit writer of one process. `submit` returns after the job's own commit."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch_events: int,
+        retry_after: int,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self._engine = engine
+        self._max_batch_events = max_batch_events
+        self._retry_after = retry_after
+        self._clock = clock
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ingest-writer")
+
+    async def stop(self) -> None:
+        """Write what is queued, then stop."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def submit(self, job: IngestJob) -> IngestResult:
+        if self._task is None or self._task.done():
+            raise RuntimeError("the ingest writer is not running")
+        future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put((job, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            events = len(batch[0][0].events)
+            while events < self._max_batch_events and not self._queue.empty():
+                item = self._queue.get_nowait()
+                batch.append(item)
+                events += len(item[0].events)
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        live = [(job, fut) for job, fut in batch if not fut.cancelled()]
+        if not live:
+            return
+        try:
+            results = await self._write([job for job, _ in live])
+        except Exception as exc:
+            if len(live) > 1 and isinstance(exc, DBAPIError) and not exc.connection_invalidated:
+                # One bad job must not fail its neighbours: write each on its own.
+                log.warning("group commit failed; retrying jobs one by one", error=str(exc), jobs=len(live))
+                for item in live:
+                    await self._commit([item])
+                return
+            storage_down = isinstance(exc, DBAPIError | OSError | TimeoutError)
+            if storage_down:
+                DB_ERRORS.labels(operation="ingest").inc()
+                log.error("ingest write failed", error=str(exc))
+            for _, fut in live:
+                if not fut.done():
+                    fut.set_exception(
+                        StorageUnavailable("the database is unavailable; retry later", retry_after=self._retry_after)
+                        if storage_down
+                        else exc
+                    )
+            return
+        GROUP_COMMIT_EVENTS.observe(sum(len(job.events) for job, _ in live))
+        for (_, fut), result in zip(live, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+    async def _write(self, jobs: list[IngestJob]) -> list[IngestResult]:
+        conn = await writer_connection(self._engine)
+        try:
+            async with conn.begin():
+                return await write_batch(conn, jobs, self._clock())
+        finally:
+            await conn.close()

@@ -1,0 +1,27 @@
+"""Core `Table` objects of the SQLModel classes, for SQLAlchemy Core statements."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+import models
+
+source = models.metadata.tables["source"]
+source_secret = models.metadata.tables["source_secret"]
+api_key = models.metadata.tables["api_key"]
+lead = models.metadata.tables["lead"]
+lead_identity = models.metadata.tables["lead_identity"]
+inbound_request = models.metadata.tables["inbound_request"]
+inbound_event = models.metadata.tables["inbound_event"]
+lead_merge = models.metadata.tables["lead_merge"]
+
+
+def insert_ignoring_conflicts(table: sa.Table, dialect: str) -> sa.Insert:
+    """`INSERT ... ON CONFLICT DO NOTHING` for the connection's dialect."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing()
