@@ -29,3 +29,7 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def head() -> str | None:
     return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+
+
+def downgrade(url: str, revision: str) -> None:
+    command.downgrade(alembic_config(url), revision)

@@ -195,7 +195,10 @@ async def test_an_event_naming_two_leads_merges_them(
         assert lead["events_total"] == 3
         # Latest event time wins per trait, whatever the arrival order.
         assert lead["traits"] == {"country": "ES", "title": "CTO"}
-        assert {(i["namespace"], i["value"]) for i in lead["identities"]} == {("email", "ana@acme.io"), ("hubspot", "9")}
+        assert {(i["namespace"], i["value"]) for i in lead["identities"]} == {
+            ("email", "ana@acme.io"),
+            ("hubspot", "9"),
+        }
 
 
 async def _ops_key(settings: Settings, role: str = "ops") -> str:
@@ -208,7 +211,9 @@ async def _ops_key(settings: Settings, role: str = "ops") -> str:
         await engine.dispose()
 
 
-async def test_traits_do_not_depend_on_arrival_order(client: httpx.AsyncClient, sender: Sender, settings: Settings) -> None:
+async def test_traits_do_not_depend_on_arrival_order(
+    client: httpx.AsyncClient, sender: Sender, settings: Settings
+) -> None:
     events = [
         lead_event(id=f"t{i}", occurred_at=f"2026-11-2{i}T10:00:00Z", traits={"stage": f"s{i}", f"k{i}": i})
         for i in range(5)
@@ -225,7 +230,9 @@ async def test_traits_do_not_depend_on_arrival_order(client: httpx.AsyncClient, 
     assert t1["stage"] == "s4"
 
 
-async def test_lead_read_needs_a_valid_key(client: httpx.AsyncClient, sender: Sender, settings: Settings, db: Db) -> None:
+async def test_lead_read_needs_a_valid_key(
+    client: httpx.AsyncClient, sender: Sender, settings: Settings, db: Db
+) -> None:
     lead_id = (await sender.post(client, lead_event())).json()["lead_id"]
     url = f"/v1/leads/{lead_id}"
     assert (await client.get(url)).status_code == 401
