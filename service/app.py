@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.api import health, leads, webhooks
 from service.api.deps import Services
-from service.db import create_engine
+from service.db import create_engine, is_sqlite
 from service.errors import install_error_handlers
 from service.events import LeadEvent
 from service.ingest import IngestWriter
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine,
             max_batch_events=settings.group_commit_max_events,
             retry_after=settings.retry_after_seconds,
+            writers=1 if is_sqlite(settings.database_url) else settings.group_commit_writers,
         )
         writer.start()
         app.state.services = Services(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -20,14 +21,27 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     """An async engine for `url`; nothing connects until first use."""
     if is_sqlite(url):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, json_serializer=_json)
         _configure_sqlite(engine)
         return engine
     return create_async_engine(
         url,
+        json_serializer=_json,
+        json_deserializer=orjson.loads,
+        connect_args={
+            "timeout": 10,
+            # PostgreSQL switches a prepared statement to a generic plan after five runs; for
+            # `namespace = $1 AND value = ANY($2)` that plan scans every identity of the namespace
+            # instead of looking each value up (measured: 12 ms instead of 0.3 ms per batch).
+            "server_settings": {"plan_cache_mode": "force_custom_plan"},
+        },
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=False,

@@ -80,8 +80,7 @@ async def write_batch(conn: AsyncConnection, jobs: list[IngestJob], now: dt.date
     )
     stored = await repo.find_events(conn, event_refs)
 
-    identities = await repo.find_identities(conn, identity_keys)
-    leads, merged = await repo.lock_leads(conn, identities.values())
+    identities, leads, merged = await repo.find_and_lock_leads(conn, identity_keys)
     # Leads merged away by a transaction we waited for: load their survivors too.
     pending = set(merged.values()) - leads.keys()
     while pending:
@@ -177,6 +176,7 @@ class IngestWriter:
         *,
         max_batch_events: int,
         retry_after: int,
+        writers: int = 1,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self._engine = engine
@@ -184,23 +184,26 @@ class IngestWriter:
         self._retry_after = retry_after
         self._clock = clock
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._writers = writers
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="ingest-writer")
+        self._tasks = [asyncio.create_task(self._run(), name=f"ingest-writer-{i}") for i in range(self._writers)]
 
     async def stop(self) -> None:
         """Write what is queued, then stop."""
-        if self._task is None:
+        if not self._tasks:
             return
         await self._queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
 
     async def submit(self, job: IngestJob) -> IngestResult:
-        if self._task is None or self._task.done():
+        if not self._tasks or any(task.done() for task in self._tasks):
             raise RuntimeError("the ingest writer is not running")
         future: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         await self._queue.put((job, future))

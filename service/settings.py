@@ -43,5 +43,11 @@ class Settings(BaseSettings):
     group_commit_max_events: int = Field(
         default=2000, ge=1, description="Most events written in one group-commit transaction."
     )
+    group_commit_writers: int = Field(
+        default=2,
+        ge=1,
+        description="Concurrent group-commit writers per process on PostgreSQL (one batch is "
+        "prepared while another waits for its commit); SQLite always uses one.",
+    )
     log_level: str = Field(default="INFO", description="Logging level.")
     log_format: Literal["console", "json"] = Field(default="console", description="Log rendering.")

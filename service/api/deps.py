@@ -28,7 +28,8 @@ class Services:
     migration_head: str | None
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs a plain `def` dependency in its thread pool.
     services: Services = request.app.state.services
     return services
 

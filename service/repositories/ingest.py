@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.identity import Identity, LeadState, Merge
@@ -48,43 +49,109 @@ async def lock_names(conn: AsyncConnection, keys: Iterable[int]) -> None:
     )
 
 
+def _one_of(column: sa.ColumnElement[Any], values: Sequence[Any], dialect: str) -> sa.ColumnElement[bool]:
+    """`column IN values`. On PostgreSQL as `= ANY(:array)`: one SQL text whatever the count, so
+    asyncpg prepares it once (an IN list of each new length is a new statement to prepare)."""
+    if dialect == "postgresql":
+        return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    return column.in_(values)
+
+
+def _grouped(keys: Iterable[tuple[Any, str]]) -> dict[Any, list[str]]:
+    groups: dict[Any, list[str]] = {}
+    for first, second in sorted(set(keys)):
+        groups.setdefault(first, []).append(second)
+    return groups
+
+
 async def find_events(
     conn: AsyncConnection, keys: Sequence[tuple[int, str]]
 ) -> dict[tuple[int, str], tuple[uuid.UUID, uuid.UUID]]:
     """Events already stored under `(source_id, external_id)`: their id and lead id."""
     found: dict[tuple[int, str], tuple[uuid.UUID, uuid.UUID]] = {}
-    for chunk in _chunks(sorted(set(keys))):
+    for source_id, external_ids in _grouped(keys).items():
+        for chunk in _chunks(external_ids):
+            rows = await conn.execute(
+                sa.select(inbound_event.c.external_id, inbound_event.c.id, inbound_event.c.lead_id).where(
+                    inbound_event.c.source_id == source_id,
+                    _one_of(inbound_event.c.external_id, chunk, conn.dialect.name),
+                )
+            )
+            for external_id, event_id, lead_id in rows:
+                found[(source_id, external_id)] = (event_id, lead_id)
+    return found
+
+
+async def find_and_lock_leads(
+    conn: AsyncConnection, keys: Sequence[Identity]
+) -> tuple[dict[Identity, uuid.UUID], dict[uuid.UUID, LeadState], dict[uuid.UUID, uuid.UUID]]:
+    """In one statement: which lead owns each identity, and those leads, locked in id order.
+
+    Returns `(identity -> lead id, lead states, {merged id: survivor id})`; the last lists leads
+    that a concurrent transaction merged away while we waited for their lock.
+    """
+    identities: dict[Identity, uuid.UUID] = {}
+    states: dict[uuid.UUID, LeadState] = {}
+    merged: dict[uuid.UUID, uuid.UUID] = {}
+    unique = sorted(set(keys))
+    for chunk in _chunks(unique):
+        if conn.dialect.name == "postgresql":
+            wanted = (
+                sa.func.unnest(
+                    sa.bindparam(None, [ns for ns, _ in chunk], type_=postgresql.ARRAY(sa.String())),
+                    sa.bindparam(None, [v for _, v in chunk], type_=postgresql.ARRAY(sa.String())),
+                )
+                .table_valued("ns", "v")
+                .render_derived()
+            )
+            match = sa.and_(lead_identity.c.namespace == wanted.c.ns, lead_identity.c.value == wanted.c.v)
+            source: sa.FromClause = lead_identity.join(wanted, match)
+            where: sa.ColumnElement[bool] = sa.true()
+        else:
+            source = lead_identity
+            where = sa.tuple_(lead_identity.c.namespace, lead_identity.c.value).in_(chunk)
         rows = await conn.execute(
             sa.select(
-                inbound_event.c.source_id,
-                inbound_event.c.external_id,
-                inbound_event.c.id,
-                inbound_event.c.lead_id,
-            ).where(sa.tuple_(inbound_event.c.source_id, inbound_event.c.external_id).in_(chunk))
-        )
-        for source_id, external_id, event_id, lead_id in rows:
-            found[(source_id, external_id)] = (event_id, lead_id)
-    return found
-
-
-async def find_identities(conn: AsyncConnection, keys: Sequence[Identity]) -> dict[Identity, uuid.UUID]:
-    found: dict[Identity, uuid.UUID] = {}
-    for chunk in _chunks(sorted(set(keys))):
-        rows = await conn.execute(
-            sa.select(lead_identity.c.namespace, lead_identity.c.value, lead_identity.c.lead_id).where(
-                sa.tuple_(lead_identity.c.namespace, lead_identity.c.value).in_(chunk)
+                lead_identity.c.namespace,
+                lead_identity.c.value,
+                lead.c.id,
+                lead.c.created_at,
+                lead.c.traits,
+                lead.c.trait_times,
+                lead.c.first_event_at,
+                lead.c.last_event_at,
+                lead.c.merged_into_id,
             )
+            .select_from(source.join(lead, lead.c.id == lead_identity.c.lead_id))
+            .where(where)
+            .order_by(lead.c.id)
+            .with_for_update(of=lead)
         )
-        for namespace, value, lead_id in rows:
-            found[(namespace, value)] = lead_id
-    return found
+        for row in rows:
+            identities[(row.namespace, row.value)] = row.id
+            _keep(row, states, merged)
+    return identities, states, merged
+
+
+def _keep(row: Any, states: dict[uuid.UUID, LeadState], merged: dict[uuid.UUID, uuid.UUID]) -> None:
+    if row.id in states:
+        return
+    states[row.id] = LeadState(
+        id=row.id,
+        created_at=row.created_at,
+        traits=dict(row.traits),
+        trait_times=dict(row.trait_times),
+        first_event_at=row.first_event_at,
+        last_event_at=row.last_event_at,
+    )
+    if row.merged_into_id is not None:
+        merged[row.id] = row.merged_into_id
 
 
 async def lock_leads(
     conn: AsyncConnection, ids: Iterable[uuid.UUID]
 ) -> tuple[dict[uuid.UUID, LeadState], dict[uuid.UUID, uuid.UUID]]:
-    """Lock the leads (in id order) and load them; also return `{merged id: survivor id}` for any
-    that a concurrent transaction merged away while we waited for the lock."""
+    """Lock and load leads by id (in id order), as `find_and_lock_leads` does."""
     states: dict[uuid.UUID, LeadState] = {}
     merged: dict[uuid.UUID, uuid.UUID] = {}
     for chunk in _chunks(sorted(set(ids))):
@@ -98,21 +165,12 @@ async def lock_leads(
                 lead.c.last_event_at,
                 lead.c.merged_into_id,
             )
-            .where(lead.c.id.in_(chunk))
+            .where(_one_of(lead.c.id, chunk, conn.dialect.name))
             .order_by(lead.c.id)
             .with_for_update()
         )
         for row in rows:
-            states[row.id] = LeadState(
-                id=row.id,
-                created_at=row.created_at,
-                traits=dict(row.traits),
-                trait_times=dict(row.trait_times),
-                first_event_at=row.first_event_at,
-                last_event_at=row.last_event_at,
-            )
-            if row.merged_into_id is not None:
-                merged[row.id] = row.merged_into_id
+            _keep(row, states, merged)
     return states, merged
 
 

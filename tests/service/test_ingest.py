@@ -280,6 +280,7 @@ async def test_unreachable_database_is_503_with_retry_after(settings: Settings, 
     async with app_client(dead) as c:
         response = await sender.post(c, lead_event())
         ready = await c.get("/readyz")
+    await _let_aiosqlite_threads_finish()
     assert response.status_code == 503
     assert response.json()["error"] == "StorageUnavailable"
     assert response.headers["retry-after"] == str(dead.retry_after_seconds)
@@ -312,6 +313,13 @@ async def test_writer_answers_503_when_the_database_goes_away(settings: Settings
     finally:
         await writer.stop()
         await engine.dispose()
+        await _let_aiosqlite_threads_finish()
+
+
+async def _let_aiosqlite_threads_finish() -> None:
+    # After a failed connect, aiosqlite's worker thread still hands the close() result back to
+    # the event loop a moment later; if the test's loop is closed by then, the thread raises.
+    await asyncio.sleep(0.2)
 
 
 async def test_readyz_and_healthz(client: httpx.AsyncClient) -> None:
