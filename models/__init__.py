@@ -141,3 +141,57 @@ class LeadMerge(SQLModel, table=True):
     event_id: uuid.UUID = Field(nullable=False)
     merged_at: dt.datetime = _ts()
     identities: list[dict[str, str]] = Field(default_factory=list, sa_column=sa.Column(json_type(), nullable=False))
+
+
+class PipelineVersion(SQLModel, table=True):
+    """An immutable scoring pipeline: spec, compiled artifact, training metrics and provenance.
+
+    Rows are only ever inserted; which version scores is decided by `pipeline_slot`.
+    """
+
+    __tablename__ = "pipeline_version"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=sa.Column(sa.String(100), nullable=False))
+    spec: dict[str, Any] = Field(sa_column=sa.Column(json_type(), nullable=False))
+    artifact: dict[str, Any] = Field(sa_column=sa.Column(json_type(), nullable=False))
+    metrics: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(json_type(), nullable=False))
+    sklearn_version: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
+    training_data_sha256: str | None = Field(default=None, sa_column=sa.Column(sa.String(64), nullable=True))
+    created_by: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
+    created_at: dt.datetime = _ts()
+
+
+class PipelineSlot(SQLModel, table=True):
+    """Which version is `active` (scores, qualifies, routes) and which is `shadow` (scores only)."""
+
+    __tablename__ = "pipeline_slot"
+
+    slot: str = Field(sa_column=sa.Column(sa.String(16), primary_key=True))
+    version_id: int = Field(foreign_key="pipeline_version.id", nullable=False)
+    assigned_at: dt.datetime = _ts()
+    assigned_by: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
+
+
+class ScoreRecord(SQLModel, table=True):
+    """One score of one lead by one pipeline version, with everything needed to explain it."""
+
+    __tablename__ = "score_record"
+    __table_args__ = (
+        sa.Index("ix_score_record_lead_id_shadow_scored_at", "lead_id", "shadow", "scored_at"),
+        sa.Index("ix_score_record_version_id_lead_id", "pipeline_version_id", "lead_id"),
+    )
+
+    id: uuid.UUID = Field(primary_key=True)
+    lead_id: uuid.UUID = Field(foreign_key="lead.id", nullable=False)
+    pipeline_version_id: int = Field(foreign_key="pipeline_version.id", nullable=False)
+    shadow: bool = Field(nullable=False)
+    event_id: uuid.UUID | None = Field(default=None, nullable=True)
+    scored_at: dt.datetime = _ts()
+    inputs_digest: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
+    score: float = Field(nullable=False)
+    fit: float = Field(nullable=False)
+    engagement: float = Field(nullable=False)
+    probability: float = Field(nullable=False)
+    grade: str = Field(sa_column=sa.Column(sa.String(8), nullable=False))
+    explanation: dict[str, Any] = Field(sa_column=sa.Column(json_type(), nullable=False))

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api import health, leads, webhooks
+from service.api import health, leads, pipelines, webhooks
 from service.api.deps import Services
 from service.db import create_engine, is_sqlite
 from service.errors import install_error_handlers
@@ -18,9 +19,12 @@ from service.events import LeadEvent
 from service.ingest import IngestWriter
 from service.metrics import RequestMetrics
 from service.migrate import head
+from service.pipelines import PipelineRegistry
 from service.settings import Settings
 from service.sources import SourceRegistry
 from service.webhooks.receive import WebhookLimits
+
+log = structlog.get_logger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,11 +34,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        pipelines = PipelineRegistry(engine, refresh_seconds=settings.pipeline_refresh_seconds)
+        try:
+            await pipelines.refresh()
+        except Exception as exc:  # the database may be down at start; the refresh loop retries
+            log.warning("could not load pipelines at start", error=str(exc))
+        pipelines.start()
         writer = IngestWriter(
             engine,
             max_batch_events=settings.group_commit_max_events,
             retry_after=settings.retry_after_seconds,
             writers=1 if is_sqlite(settings.database_url) else settings.group_commit_writers,
+            pipelines=lambda: pipelines.current,
+            lookback=dt.timedelta(days=settings.activity_lookback_days),
         )
         writer.start()
         app.state.services = Services(
@@ -44,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 engine, ttl=settings.source_cache_seconds, retry_after=settings.retry_after_seconds
             ),
             writer=writer,
+            pipelines=pipelines,
             limits=WebhookLimits(
                 max_body_bytes=settings.max_body_bytes,
                 max_events=settings.max_events_per_request,
@@ -55,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await writer.stop()
+            await pipelines.stop()
             await engine.dispose()
 
     app = FastAPI(
@@ -67,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(webhooks.router)
     app.include_router(leads.router)
+    app.include_router(pipelines.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import getpass
 import json
 import os
 import shutil
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -18,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service import migrate as migrations
 from service.auth import ROLES, create_key
 from service.db import create_engine
+from service.errors import LeadscoreError
 from service.logging import configure_logging
 from service.repositories import keys as keys_repo
 from service.settings import Settings
@@ -44,8 +47,10 @@ def _with_engine(fn: Callable[[AsyncEngine], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except SourceError as exc:
+    except (SourceError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    except LeadscoreError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc.detail}") from None
 
 
 @click.group()
@@ -86,7 +91,7 @@ def serve(host: str | None, port: int | None, workers: int | None, dev: bool | N
     if settings.dev_mode:
         from service.dev import bootstrap
 
-        _with_engine(lambda engine: bootstrap(engine, var_dir=settings.var_dir, base_url=f"http://{host}:{port}"))
+        _with_engine(lambda engine: bootstrap(engine, settings=settings, base_url=f"http://{host}:{port}"))
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Each worker writes its metrics here so /metrics can add them up.
         metrics_dir = settings.var_dir / "prometheus"
@@ -194,6 +199,146 @@ def keys_revoke(key_id: int) -> None:
     if not _with_engine(run):
         raise click.ClickException(f"no live key with id {key_id}")
     _print_json({"id": key_id, "revoked": True})
+
+
+@main.command()
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--label", required=True, help="The 0/1 outcome column, e.g. Converted.")
+@click.option("--activate", is_flag=True, help="Make the new version the active one.")
+def train(spec_path: Path, data_path: Path, label: str, activate: bool) -> None:
+    """Train a pipeline spec on a labelled CSV and register it as a new immutable version."""
+    from service.pipelines import InvalidPipeline, parse_spec, read_training_csv, train_and_register
+
+    spec_text = spec_path.read_text()
+    try:
+        parse_spec(spec_text)  # fail before reading a large file
+        rows, labels, digest = read_training_csv(data_path, label)
+    except InvalidPipeline as exc:
+        raise click.ClickException(f"invalid spec {spec_path}: {json.dumps(exc.detail, default=str)}") from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"training on {len(rows)} rows of {data_path.name} (sha256 {digest[:12]}...)", err=True)
+
+    def progress(stage: str, fraction: float) -> None:
+        click.echo(f"  [{fraction:4.0%}] {stage}", err=True)
+
+    registered = _with_engine(
+        lambda e: train_and_register(
+            e,
+            spec_text=spec_text,
+            rows=rows,
+            labels=labels,
+            data_sha256=digest,
+            activate=activate,
+            actor=f"cli:{getpass.getuser()}",
+            progress=progress,
+        )
+    )
+    _print_json({"version": registered.version_id, "activated": registered.activated, "metrics": registered.metrics})
+
+
+@main.command("score")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--pipeline", "version", type=int, default=None, help="Default: the active version.")
+@click.option("--id-column", default=None, help="Input column copied to the output (default: the first column).")
+@click.option("--chunk-size", type=int, default=10_000, show_default=True)
+def score_file(data_path: Path, out_path: Path, version: int | None, id_column: str | None, chunk_size: int) -> None:
+    """Score a CSV of leads in bulk: id, probability, score, grade and top reasons per row."""
+    import csv
+
+    from service.pipelines import load_version
+
+    pipeline, _ = _with_engine(lambda e: load_version(e, version))
+    with data_path.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise click.ClickException(f"{data_path} has no rows")
+    id_column = id_column or next(iter(rows[0]))
+    if id_column not in rows[0]:
+        raise click.ClickException(f"{data_path} has no column {id_column!r}")
+    now = _now()
+    with (
+        out_path.open("w", newline="") as out,
+        click.progressbar(length=len(rows), label="scoring", file=sys.stderr) as bar,
+    ):
+        writer = csv.writer(out)
+        writer.writerow([id_column, "probability", "score", "grade", "top_reasons_up", "top_reasons_down", "rules"])
+        for start in range(0, len(rows), chunk_size):
+            chunk = rows[start : start + chunk_size]
+            scores = pipeline.compiled.score_batch(chunk, now=now)
+            for i, row in enumerate(chunk):
+                reasons = scores.reasons(i)
+                writer.writerow(
+                    [
+                        row[id_column],
+                        f"{scores.probability[i]:.6f}",
+                        f"{scores.value[i]:.2f}",
+                        scores.grade[i],
+                        ";".join(reasons["features_up"]),
+                        ";".join(reasons["features_down"]),
+                        ";".join(reasons["rules"]),
+                    ]
+                )
+            bar.update(len(chunk))
+    click.echo(f"scored {len(rows)} rows with pipeline version {pipeline.version_id} into {out_path}", err=True)
+
+
+@main.command()
+@click.option("--pipeline", "version", type=int, default=None, help="Default: the active version.")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+def rescore(version: int | None, batch_size: int) -> None:
+    """Re-score stored leads with a version, in resumable batches; nothing downstream is triggered."""
+    from service.pipelines import rescore_leads
+
+    settings = Settings()
+    done = _with_engine(
+        lambda e: rescore_leads(
+            e,
+            version_id=version,
+            batch_size=batch_size,
+            lookback=dt.timedelta(days=settings.activity_lookback_days),
+            progress=lambda n: click.echo(f"  re-scored {n} more leads", err=True),
+        )
+    )
+    _print_json({"rescored": done})
+
+
+@main.group()
+def pipelines() -> None:
+    """Pipeline versions: list them, choose the active and the shadow one."""
+
+
+@pipelines.command("list")
+def pipelines_list() -> None:
+    """Every version with its headline metrics."""
+    from service.pipelines import list_pipelines
+
+    _print_json([p.model_dump(mode="json") for p in _with_engine(list_pipelines)])
+
+
+@pipelines.command("activate")
+@click.argument("version", type=int)
+def pipelines_activate(version: int) -> None:
+    """Make a version the active one (it scores, and its scores are the leads' current scores)."""
+    from service.pipelines import assign_slot
+
+    _with_engine(lambda e: assign_slot(e, slot="active", version_id=version, actor=f"cli:{getpass.getuser()}"))
+    _print_json({"active": version})
+
+
+@pipelines.command("shadow")
+@click.argument("version", type=int, required=False)
+@click.option("--clear", is_flag=True, help="Stop shadow scoring.")
+def pipelines_shadow(version: int | None, clear: bool) -> None:
+    """Score every lead with VERSION too, stored apart, changing nothing else."""
+    from service.pipelines import assign_slot
+
+    if (version is None) == (not clear):
+        raise click.UsageError("give a VERSION or --clear")
+    _with_engine(lambda e: assign_slot(e, slot="shadow", version_id=version, actor=f"cli:{getpass.getuser()}"))
+    _print_json({"shadow": version})
 
 
 if __name__ == "__main__":  # pragma: no cover

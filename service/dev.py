@@ -12,6 +12,9 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import create_key
+from service.pipelines import read_training_csv, train_and_register
+from service.repositories.pipelines import get_slots
+from service.settings import Settings
 from service.sources import SourceRegistry, add_source, rotate_source
 
 log = structlog.get_logger(__name__)
@@ -19,8 +22,11 @@ log = structlog.get_logger(__name__)
 DEMO_SOURCE = "demo"
 
 
-async def bootstrap(engine: AsyncEngine, *, var_dir: Path, base_url: str) -> Path:
-    """Create what is missing and write `<var_dir>/dev-credentials.json` (mode 0600)."""
+async def bootstrap(engine: AsyncEngine, *, settings: Settings, base_url: str) -> Path:
+    """Create what is missing and write `<var_dir>/dev-credentials.json` (mode 0600); train and
+    activate the demo pipeline when no version is active."""
+    var_dir = settings.var_dir
+    await _demo_pipeline(engine, settings)
     path = var_dir / "dev-credentials.json"
     now = dt.datetime.now(dt.UTC)
     known: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
@@ -52,3 +58,36 @@ async def bootstrap(engine: AsyncEngine, *, var_dir: Path, base_url: str) -> Pat
         webhook_url=credentials["webhook_url"],
     )
     return path
+
+
+async def _demo_pipeline(engine: AsyncEngine, settings: Settings) -> None:
+    async with engine.connect() as conn:
+        active = (await get_slots(conn)).get("active")
+    if active is not None:
+        log.info("dev mode: pipeline version active", version=active)
+        return
+    spec, data = settings.demo_pipeline_spec, settings.demo_training_data
+    if not spec.is_file() or not data.is_file():
+        log.warning(
+            "dev mode: no pipeline is active and the demo spec or data is missing; events will be stored unscored",
+            spec=str(spec),
+            data=str(data),
+        )
+        return
+    rows, labels, digest = read_training_csv(data, "Converted")
+    registered = await train_and_register(
+        engine,
+        spec_text=spec.read_text(),
+        rows=rows,
+        labels=labels,
+        data_sha256=digest,
+        activate=True,
+        actor="dev-mode",
+    )
+    log.info(
+        "dev mode: trained the demo pipeline and made it active (research data, not a product default)",
+        version=registered.version_id,
+        spec=str(spec),
+        data=str(data),
+        rows=len(rows),
+    )

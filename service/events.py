@@ -81,10 +81,22 @@ class LeadEvent(BaseModel):
         return self
 
 
+class LeadScoreSummary(BaseModel):
+    score: float = Field(description="0-100.")
+    grade: str = Field(description="Fit letter A-D and engagement digit 1-4; A1 is best.")
+    probability: float = Field(description="Calibrated probability of conversion.")
+    pipeline_version: int
+
+
 class EventAccepted(BaseModel):
     """The answer to an accepted (202) or duplicate (200) webhook request."""
 
     lead_id: uuid.UUID | None = Field(description="The lead of the events, or null when they name several.")
+    score: float | None = Field(description="The lead's current score (single-lead requests; null if unscored).")
+    grade: str | None = Field(description="The lead's current grade (single-lead requests).")
+    scores: dict[uuid.UUID, LeadScoreSummary] = Field(
+        description="Current score of every lead named, by the active pipeline version."
+    )
     lead_ids: list[uuid.UUID] = Field(description="The lead of each event, in request order.")
     event_ids: list[uuid.UUID] = Field(description="Leadscore's id of each event, in request order.")
     duplicate: bool = Field(description="True when every event of the request had been received before.")
@@ -114,8 +126,27 @@ class EventRead(BaseModel):
     payload: dict[str, Any]
 
 
+class ScoreRead(BaseModel):
+    """One score of a lead, with its explanation."""
+
+    id: uuid.UUID
+    pipeline_version: int
+    shadow: bool
+    event_id: uuid.UUID | None
+    scored_at: dt.datetime
+    score: float
+    fit: float
+    engagement: float
+    probability: float
+    grade: str
+    inputs_digest: str
+    explanation: dict[str, Any] | None = Field(
+        default=None, description="Rules that fired and each model feature's contribution (log-odds)."
+    )
+
+
 class LeadRead(BaseModel):
-    """A lead with its identities and its most recent events."""
+    """A lead with its identities, current score, score history and most recent events."""
 
     id: uuid.UUID
     created_at: dt.datetime
@@ -127,3 +158,67 @@ class LeadRead(BaseModel):
     merged_ids: list[uuid.UUID] = Field(description="Leads that were found to be this person and merged in.")
     events: list[EventRead]
     events_total: int
+    score: ScoreRead | None = Field(description="The latest score by the active pipeline version(s).")
+    shadow_score: ScoreRead | None = Field(description="The latest score by a shadow version, if any.")
+    score_history: list[ScoreRead] = Field(description="Most recent first, without explanations.")
+
+
+class ActivityIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ShortStr
+    occurred_at: AwareDatetime
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScorePreviewRequest(BaseModel):
+    """A lead to score without storing anything ("test a record")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    traits: dict[str, Scalar] = Field(default_factory=dict)
+    activities: list[ActivityIn] = Field(default_factory=list, max_length=10_000)
+    pipeline_version: int | None = Field(default=None, description="Default: the active version.")
+    as_of: AwareDatetime | None = Field(default=None, description="The scoring time; default now.")
+
+
+class ScorePreview(BaseModel):
+    pipeline_version: int
+    as_of: dt.datetime
+    score: float
+    fit: float
+    engagement: float
+    probability: float
+    grade: str
+    inputs_digest: str
+    explanation: dict[str, Any]
+
+
+class PipelineSummary(BaseModel):
+    version: int
+    name: str
+    active: bool
+    shadow: bool
+    sklearn_version: str
+    training_data_sha256: str | None
+    created_by: str
+    created_at: dt.datetime
+    metrics: dict[str, Any] = Field(description="Headline training figures (cross-validation and hold-out).")
+
+
+class PipelineRead(PipelineSummary):
+    spec: dict[str, Any]
+    metrics_detail: dict[str, Any] = Field(description="Every training metric, tables included.")
+
+
+class PipelineComparison(BaseModel):
+    """How a version's scores differ from the active version's, on leads scored by both."""
+
+    version: int
+    baseline_version: int
+    leads_compared: int
+    mean_score_difference: float | None
+    mean_absolute_score_difference: float | None
+    grade_agreement: float | None = Field(description="Share of leads with the same grade.")
+    grade_changes: dict[str, dict[str, int]] = Field(description="Baseline grade -> this version's grade -> leads.")
+    largest_moves: list[dict[str, Any]] = Field(description="Leads whose score moved most, either way.")

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +26,12 @@ from service.events import LeadEvent
 from service.identity import Resolver
 from service.ids import uuid7
 from service.metrics import DB_ERRORS, GROUP_COMMIT_EVENTS
+from service.pipelines import Pipelines, score_leads
 from service.repositories import ingest as repo
+from service.repositories import pipelines as pipelines_repo
 
 log = structlog.get_logger(__name__)
+NO_PIPELINES = Pipelines()
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class IngestResult:
     lead_ids: list[uuid.UUID]
     event_ids: list[uuid.UUID]
     duplicates: list[bool]
+    # The active pipeline's current score of each lead: score, grade, probability, pipeline_version.
+    scores: dict[uuid.UUID, dict[str, Any]]
 
     @property
     def duplicate(self) -> bool:
@@ -69,8 +74,25 @@ def event_keys(events: list[LeadEvent], webhook_id: str | None) -> list[str]:
     return keys
 
 
-async def write_batch(conn: AsyncConnection, jobs: list[IngestJob], now: dt.datetime) -> list[IngestResult]:
-    """Write the jobs in the connection's open transaction; the caller commits."""
+def _summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "score": record["score"],
+        "grade": record["grade"],
+        "probability": record["probability"],
+        "pipeline_version": record["pipeline_version_id"],
+    }
+
+
+async def write_batch(
+    conn: AsyncConnection,
+    jobs: list[IngestJob],
+    now: dt.datetime,
+    *,
+    pipelines: Pipelines = NO_PIPELINES,
+    lookback: dt.timedelta = dt.timedelta(days=365),
+) -> list[IngestResult]:
+    """Write the jobs in the connection's open transaction, re-scoring every lead an event touched
+    with the active (and shadow) pipeline; the caller commits."""
     event_refs = [(job.source_id, key) for job in jobs for key in job.event_keys]
     identity_keys = [k for job in jobs for e in job.events for k in e.subject.identities()]
     await repo.lock_names(
@@ -154,14 +176,32 @@ async def write_batch(conn: AsyncConnection, jobs: list[IngestJob], now: dt.date
     await repo.update_leads(conn, changed, now)
     await repo.insert_events(conn, event_rows)
 
-    return [
+    # The event rows carry final lead ids; the last new event of a lead is what triggered its score.
+    triggers = {row["lead_id"]: row["id"] for row in event_rows}
+    records = await score_leads(
+        conn,
+        pipelines=pipelines,
+        traits={lead_id: resolver.leads[lead_id].traits for lead_id in triggers},
+        trigger=triggers,
+        now=now,
+        lookback=lookback,
+    )
+    results = [
         IngestResult(
             lead_ids=[resolver.final(lead_id) for _, lead_id in refs],
             event_ids=[event_id for event_id, _ in refs],
             duplicates=dups,
+            scores={},
         )
         for refs, dups in raw
     ]
+    unscored = {lead_id for r in results for lead_id in r.lead_ids} - records.keys()
+    if unscored and pipelines.active is not None:
+        # Repeats re-score nothing: answer with the lead's current score.
+        records.update(await pipelines_repo.latest_scores(conn, sorted(unscored)))
+    for result in results:
+        result.scores.update({lead_id: _summary(records[lead_id]) for lead_id in result.lead_ids if lead_id in records})
+    return results
 
 
 _Pending = tuple[IngestJob, "asyncio.Future[IngestResult]"]
@@ -177,8 +217,12 @@ class IngestWriter:
         max_batch_events: int,
         retry_after: int,
         writers: int = 1,
+        pipelines: Callable[[], Pipelines] = lambda: NO_PIPELINES,
+        lookback: dt.timedelta = dt.timedelta(days=365),
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
+        self._pipelines = pipelines
+        self._lookback = lookback
         self._engine = engine
         self._max_batch_events = max_batch_events
         self._retry_after = retry_after
@@ -257,6 +301,8 @@ class IngestWriter:
         conn = await writer_connection(self._engine)
         try:
             async with conn.begin():
-                return await write_batch(conn, jobs, self._clock())
+                return await write_batch(
+                    conn, jobs, self._clock(), pipelines=self._pipelines(), lookback=self._lookback
+                )
         finally:
             await conn.close()

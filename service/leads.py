@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any, overload
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.errors import LeadNotFound
-from service.events import EventRead, IdentityRead, LeadRead
+from service.events import EventRead, IdentityRead, LeadRead, ScoreRead
 from service.repositories import leads as repo
+from service.repositories import pipelines as pipelines_repo
 
 
-async def read_lead(engine: AsyncEngine, lead_id: uuid.UUID, *, events_limit: int = 100) -> LeadRead:
+async def read_lead(
+    engine: AsyncEngine, lead_id: uuid.UUID, *, events_limit: int = 100, history_limit: int = 50
+) -> LeadRead:
     async with engine.connect() as conn:
         row = await repo.get_live_lead(conn, lead_id)
         if row is None:
@@ -20,6 +24,9 @@ async def read_lead(engine: AsyncEngine, lead_id: uuid.UUID, *, events_limit: in
         identities = await repo.lead_identities(conn, live_id)
         merged = await repo.merged_into(conn, live_id)
         events, total = await repo.lead_events(conn, live_id, limit=events_limit)
+        current = (await pipelines_repo.latest_scores(conn, [live_id])).get(live_id)
+        shadow = (await pipelines_repo.latest_scores(conn, [live_id], shadow=True)).get(live_id)
+        history = await pipelines_repo.score_history(conn, live_id, limit=history_limit)
     return LeadRead(
         id=live_id,
         created_at=row["created_at"],
@@ -31,4 +38,30 @@ async def read_lead(engine: AsyncEngine, lead_id: uuid.UUID, *, events_limit: in
         merged_ids=merged,
         events=[EventRead(**e) for e in events],
         events_total=total,
+        score=_score(current),
+        shadow_score=_score(shadow),
+        score_history=[_score(h, explanation=False) for h in history],
+    )
+
+
+@overload
+def _score(row: None, *, explanation: bool = True) -> None: ...
+@overload
+def _score(row: dict[str, Any], *, explanation: bool = True) -> ScoreRead: ...
+def _score(row: dict[str, Any] | None, *, explanation: bool = True) -> ScoreRead | None:
+    if row is None:
+        return None
+    return ScoreRead(
+        id=row["id"],
+        pipeline_version=row["pipeline_version_id"],
+        shadow=row["shadow"],
+        event_id=row["event_id"],
+        scored_at=row["scored_at"],
+        score=row["score"],
+        fit=row["fit"],
+        engagement=row["engagement"],
+        probability=row["probability"],
+        grade=row["grade"],
+        inputs_digest=row["inputs_digest"],
+        explanation=row.get("explanation") if explanation else None,
     )

@@ -49,5 +49,19 @@ class Settings(BaseSettings):
         description="Concurrent group-commit writers per process on PostgreSQL (one batch is "
         "prepared while another waits for its commit); SQLite always uses one.",
     )
+    pipeline_refresh_seconds: float = Field(
+        default=2.0, gt=0, description="How often a process checks which pipeline version is active or shadow."
+    )
+    activity_lookback_days: int = Field(
+        default=365, ge=1, description="How far back a lead's activities are read when it is scored."
+    )
+    demo_pipeline_spec: Path = Field(
+        default=Path("pipelines/x-education.yaml"),
+        description="Dev mode: the spec trained at start-up when no pipeline version is active.",
+    )
+    demo_training_data: Path = Field(
+        default=Path("../shared/data/x-education/leads_train.csv"),
+        description="Dev mode: the labelled CSV (label `Converted`) the demo pipeline is trained on.",
+    )
     log_level: str = Field(default="INFO", description="Logging level.")
     log_format: Literal["console", "json"] = Field(default="console", description="Log rendering.")

@@ -215,3 +215,31 @@ async def db(settings: Settings) -> AsyncIterator[Db]:
         yield Db(engine)
     finally:
         await engine.dispose()
+
+
+@dataclass
+class Trained:
+    """The X Education demo pipeline, trained once per session."""
+
+    spec_dict: dict[str, Any]
+    result: Any
+    compiled: Any
+
+    def profile(self, traits: dict[str, Any]) -> Any:
+        from scoring.profile import LeadProfile
+
+        return LeadProfile(traits=traits)
+
+
+@pytest.fixture(scope="session")
+def trained() -> Trained:
+    from scoring.pipeline import compile_pipeline
+    from scoring.training import train_pipeline
+    from service.pipelines import parse_spec, read_training_csv
+
+    spec = parse_spec((REPO_ROOT / "pipelines" / "x-education.yaml").read_text())
+    rows, labels, _ = read_training_csv(SHARED / "data" / "x-education" / "leads_train.csv", "Converted")
+    result = train_pipeline(spec, rows, labels)
+    return Trained(
+        spec_dict=spec.model_dump(mode="json"), result=result, compiled=compile_pipeline(spec, result.artifact)
+    )

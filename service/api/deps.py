@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import Principal, authenticate, require_role
 from service.ingest import IngestWriter
+from service.pipelines import PipelineRegistry
 from service.settings import Settings
 from service.sources import SourceRegistry
 from service.webhooks.receive import WebhookLimits
@@ -24,6 +25,7 @@ class Services:
     engine: AsyncEngine
     registry: SourceRegistry
     writer: IngestWriter
+    pipelines: PipelineRegistry
     limits: WebhookLimits
     migration_head: str | None
 

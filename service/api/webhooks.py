@@ -61,9 +61,14 @@ async def receive_webhook(source: str, request: Request, services: ServicesDep) 
         now=utcnow(),
     )
     lead_ids = set(result.lead_ids)
+    single = next(iter(lead_ids)) if len(lead_ids) == 1 else None
+    current = result.scores.get(single) if single is not None else None
     return JsonResponse(
         {
-            "lead_id": next(iter(lead_ids)) if len(lead_ids) == 1 else None,
+            "lead_id": single,
+            "score": current["score"] if current else None,
+            "grade": current["grade"] if current else None,
+            "scores": {str(k): v for k, v in result.scores.items()},
             "lead_ids": result.lead_ids,
             "event_ids": result.event_ids,
             "duplicate": result.duplicate,

@@ -14,6 +14,9 @@ lead_identity = models.metadata.tables["lead_identity"]
 inbound_request = models.metadata.tables["inbound_request"]
 inbound_event = models.metadata.tables["inbound_event"]
 lead_merge = models.metadata.tables["lead_merge"]
+pipeline_version = models.metadata.tables["pipeline_version"]
+pipeline_slot = models.metadata.tables["pipeline_slot"]
+score_record = models.metadata.tables["score_record"]
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect: str) -> sa.Insert:

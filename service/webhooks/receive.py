@@ -77,6 +77,24 @@ def parse_events(body: bytes, *, max_events: int) -> list[LeadEvent]:
         ) from None
 
 
+# Traits keep the value with the latest event time, so an event dated far ahead would pin them.
+MAX_FUTURE = dt.timedelta(days=1)
+
+
+def _refuse_future(events: list[LeadEvent], now: dt.datetime) -> None:
+    late = [
+        {
+            "loc": f"{i}.occurred_at" if len(events) > 1 else "occurred_at",
+            "msg": "more than a day in the future",
+            "type": "future",
+        }
+        for i, event in enumerate(events)
+        if event.occurred_at > now + MAX_FUTURE
+    ]
+    if late:
+        raise InvalidEvent(late)
+
+
 async def receive(
     *,
     source_name: str,
@@ -102,6 +120,7 @@ async def receive(
             headers=headers, body=body, secrets=source.secrets, now=now, tolerance=limits.tolerance
         )
         events = parse_events(body, max_events=limits.max_events)
+        _refuse_future(events, now)
         try:
             keys = event_keys(events, verified.webhook_id)
         except ValueError as exc:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ from sqlalchemy import text
 from service.auth import hash_key
 from service.cli import main
 from service.db import create_engine
+from tests.conftest import REPO_ROOT, SHARED
 
 
 def rows(db_url: str, sql: str) -> list[Any]:
@@ -86,3 +90,60 @@ def test_keys_create_stores_only_a_hash_and_revoke_works(cli: CliRunner, db_url:
     assert cli.invoke(main, ["keys", "revoke", str(created["id"])]).exit_code == 1
     bad_role = cli.invoke(main, ["keys", "create", "--role", "admin", "--name", "x"])
     assert bad_role.exit_code == 2
+
+
+DATA = SHARED / "data" / "x-education" / "leads_train.csv"
+SPEC = REPO_ROOT / "pipelines" / "x-education.yaml"
+
+
+def test_train_registers_an_active_version_that_meets_the_bar_and_scores_a_file(
+    cli: CliRunner, db_url: str, tmp_path: Path
+) -> None:
+    trained = run(cli, "train", "--spec", str(SPEC), "--data", str(DATA), "--label", "Converted", "--activate")
+    assert isinstance(trained, dict)
+    assert trained["activated"] is True
+    cv = trained["metrics"]["cv"]
+    # The bar for the shipped spec on this data.
+    assert cv["roc_auc"]["mean"] >= 0.85
+    assert cv["brier"]["mean"] <= 0.15
+    [version] = rows(db_url, "SELECT id, training_data_sha256, sklearn_version FROM pipeline_version")
+    assert version.training_data_sha256 == hashlib.sha256(DATA.read_bytes()).hexdigest()
+    assert rows(db_url, "SELECT slot, version_id FROM pipeline_slot") == [("active", version.id)]
+
+    out = tmp_path / "scores.csv"
+    result = cli.invoke(main, ["score", "--data", str(DATA), "--out", str(out), "--id-column", "Prospect ID"])
+    assert result.exit_code == 0, result.output
+    with out.open() as f:
+        scored = list(csv.DictReader(f))
+    with DATA.open() as f:
+        source = list(csv.DictReader(f))
+    assert [r["Prospect ID"] for r in scored] == [r["Prospect ID"] for r in source]
+    assert all(0 <= float(r["score"]) <= 100 and 0 <= float(r["probability"]) <= 1 for r in scored)
+    assert {r["grade"][0] for r in scored} <= set("ABCD")
+
+    listed = run(cli, "pipelines", "list")
+    assert isinstance(listed, list)
+    assert listed[0]["active"] is True
+    assert run(cli, "pipelines", "shadow", str(version.id)) == {"shadow": version.id}
+    assert run(cli, "pipelines", "shadow", "--clear") == {"shadow": None}
+    missing = cli.invoke(main, ["pipelines", "activate", "99"])
+    assert missing.exit_code == 1
+    assert "PipelineNotFound" in missing.output
+
+
+def test_train_refuses_a_missing_label_and_a_bad_spec(cli: CliRunner, tmp_path: Path) -> None:
+    no_label = cli.invoke(main, ["train", "--spec", str(SPEC), "--data", str(DATA), "--label", "Won"])
+    assert no_label.exit_code == 1
+    assert "no column 'Won'" in no_label.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nfeatures: 3\n")
+    invalid = cli.invoke(main, ["train", "--spec", str(bad), "--data", str(DATA), "--label", "Converted"])
+    assert invalid.exit_code == 1
+    assert "invalid spec" in invalid.output
+    assert "features" in invalid.output
+
+
+def test_score_without_an_active_pipeline_says_so(cli: CliRunner, tmp_path: Path) -> None:
+    result = cli.invoke(main, ["score", "--data", str(DATA), "--out", str(tmp_path / "o.csv")])
+    assert result.exit_code == 1
+    assert "NoActivePipeline" in result.output

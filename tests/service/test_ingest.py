@@ -215,7 +215,7 @@ async def test_traits_do_not_depend_on_arrival_order(
     client: httpx.AsyncClient, sender: Sender, settings: Settings
 ) -> None:
     events = [
-        lead_event(id=f"t{i}", occurred_at=f"2026-11-2{i}T10:00:00Z", traits={"stage": f"s{i}", f"k{i}": i})
+        lead_event(id=f"t{i}", occurred_at=f"2026-11-1{i}T10:00:00Z", traits={"stage": f"s{i}", f"k{i}": i})
         for i in range(5)
     ]
     first = (await sender.post(client, events[::-1])).json()["lead_id"]

@@ -198,6 +198,7 @@ async def test_unparseable_json_is_422(client: httpx.AsyncClient, sender: Sender
         pytest.param([lead_event(), lead_event(type="x")], "1.type", id="second-of-list"),
         pytest.param([], "", id="empty-list"),
         pytest.param("just a string", "", id="not-an-object"),
+        pytest.param(lead_event(occurred_at="2100-01-01T00:00:00Z"), "occurred_at", id="far-future"),
     ],
 )
 async def test_invalid_event_is_422_naming_the_field(

@@ -1,0 +1,201 @@
+"""Pipeline versions (insert-only), the active/shadow slots, and score records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.repositories.tables import inbound_event, lead, pipeline_slot, pipeline_version, score_record
+
+SLOTS = ("active", "shadow")
+
+
+async def insert_version(
+    conn: AsyncConnection,
+    *,
+    name: str,
+    spec: dict[str, Any],
+    artifact: dict[str, Any],
+    metrics: dict[str, Any],
+    sklearn_version: str,
+    training_data_sha256: str | None,
+    created_by: str,
+    now: dt.datetime,
+) -> int:
+    version_id: int = (
+        await conn.execute(
+            pipeline_version.insert()
+            .values(
+                name=name,
+                spec=spec,
+                artifact=artifact,
+                metrics=metrics,
+                sklearn_version=sklearn_version,
+                training_data_sha256=training_data_sha256,
+                created_by=created_by,
+                created_at=now,
+            )
+            .returning(pipeline_version.c.id)
+        )
+    ).scalar_one()
+    return version_id
+
+
+async def get_version(conn: AsyncConnection, version_id: int) -> dict[str, Any] | None:
+    row = (await conn.execute(sa.select(pipeline_version).where(pipeline_version.c.id == version_id))).one_or_none()
+    return dict(row._mapping) if row is not None else None
+
+
+async def list_versions(conn: AsyncConnection) -> list[dict[str, Any]]:
+    rows = await conn.execute(
+        sa.select(
+            pipeline_version.c.id,
+            pipeline_version.c.name,
+            pipeline_version.c.metrics,
+            pipeline_version.c.sklearn_version,
+            pipeline_version.c.training_data_sha256,
+            pipeline_version.c.created_by,
+            pipeline_version.c.created_at,
+        ).order_by(pipeline_version.c.id)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def get_slots(conn: AsyncConnection) -> dict[str, int]:
+    rows = await conn.execute(sa.select(pipeline_slot.c.slot, pipeline_slot.c.version_id))
+    return {str(row[0]): int(row[1]) for row in rows}
+
+
+async def set_slot(conn: AsyncConnection, *, slot: str, version_id: int | None, actor: str, now: dt.datetime) -> None:
+    """Point `slot` at a version, or clear it with None."""
+    await conn.execute(pipeline_slot.delete().where(pipeline_slot.c.slot == slot))
+    if version_id is not None:
+        await conn.execute(
+            pipeline_slot.insert().values(slot=slot, version_id=version_id, assigned_at=now, assigned_by=actor)
+        )
+
+
+async def insert_scores(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        await conn.execute(score_record.insert(), list(rows))
+
+
+async def lead_activities(conn: AsyncConnection, lead_ids: Sequence[uuid.UUID], *, since: dt.datetime) -> list[Any]:
+    """Activity events of the leads since `since`: `(lead_id, name, occurred_at, payload)` rows."""
+    if not lead_ids:
+        return []
+    ids: sa.ColumnElement[bool]
+    if conn.dialect.name == "postgresql":
+        ids = inbound_event.c.lead_id == sa.any_(
+            sa.bindparam(None, list(lead_ids), type_=postgresql.ARRAY(inbound_event.c.lead_id.type))
+        )
+    else:
+        ids = inbound_event.c.lead_id.in_(list(lead_ids))
+    rows = await conn.execute(
+        sa.select(inbound_event.c.lead_id, inbound_event.c.name, inbound_event.c.occurred_at, inbound_event.c.payload)
+        .where(ids, inbound_event.c.type == "lead.activity", inbound_event.c.occurred_at >= since)
+        .order_by(inbound_event.c.occurred_at, inbound_event.c.id)
+    )
+    return list(rows)
+
+
+async def latest_scores(
+    conn: AsyncConnection, lead_ids: Sequence[uuid.UUID], *, shadow: bool = False
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The most recent score record of each lead (active or shadow)."""
+    found: dict[uuid.UUID, dict[str, Any]] = {}
+    for lead_id in dict.fromkeys(lead_ids):
+        row = (
+            await conn.execute(
+                sa.select(score_record)
+                .where(score_record.c.lead_id == lead_id, score_record.c.shadow.is_(shadow))
+                .order_by(score_record.c.scored_at.desc(), score_record.c.id.desc())
+                .limit(1)
+            )
+        ).one_or_none()
+        if row is not None:
+            found[lead_id] = dict(row._mapping)
+    return found
+
+
+async def score_history(conn: AsyncConnection, lead_id: uuid.UUID, *, limit: int) -> list[dict[str, Any]]:
+    rows = await conn.execute(
+        sa.select(
+            score_record.c.id,
+            score_record.c.pipeline_version_id,
+            score_record.c.shadow,
+            score_record.c.event_id,
+            score_record.c.scored_at,
+            score_record.c.score,
+            score_record.c.fit,
+            score_record.c.engagement,
+            score_record.c.probability,
+            score_record.c.grade,
+            score_record.c.inputs_digest,
+        )
+        .where(score_record.c.lead_id == lead_id)
+        .order_by(score_record.c.scored_at.desc(), score_record.c.id.desc())
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def compare_versions(conn: AsyncConnection, *, version_id: int, baseline_id: int) -> list[Any]:
+    """Per lead, the latest score by `version_id` and by `baseline_id` (leads scored by both)."""
+
+    def latest(vid: int) -> sa.Subquery:
+        ranked = sa.select(
+            score_record.c.lead_id,
+            score_record.c.score,
+            score_record.c.grade,
+            score_record.c.probability,
+            sa.func.row_number()
+            .over(
+                partition_by=score_record.c.lead_id,
+                order_by=(score_record.c.scored_at.desc(), score_record.c.id.desc()),
+            )
+            .label("rn"),
+        ).where(score_record.c.pipeline_version_id == vid)
+        return ranked.subquery()
+
+    a, b = latest(version_id), latest(baseline_id)
+    rows = await conn.execute(
+        sa.select(
+            a.c.lead_id,
+            a.c.score.label("score"),
+            a.c.grade.label("grade"),
+            a.c.probability.label("probability"),
+            b.c.score.label("baseline_score"),
+            b.c.grade.label("baseline_grade"),
+            b.c.probability.label("baseline_probability"),
+        )
+        .join(b, sa.and_(a.c.lead_id == b.c.lead_id, b.c.rn == 1))
+        .join(lead, lead.c.id == a.c.lead_id)
+        .where(a.c.rn == 1, lead.c.merged_into_id.is_(None))
+    )
+    return list(rows)
+
+
+async def live_lead_ids_page(
+    conn: AsyncConnection, *, after: uuid.UUID | None, limit: int, not_scored_by: int
+) -> list[uuid.UUID]:
+    """Live leads in id order after `after` that have no score record from version `not_scored_by`."""
+    scored = sa.select(score_record.c.lead_id).where(
+        score_record.c.pipeline_version_id == not_scored_by, score_record.c.lead_id == lead.c.id
+    )
+    query = sa.select(lead.c.id).where(lead.c.merged_into_id.is_(None), ~sa.exists(scored))
+    if after is not None:
+        query = query.where(lead.c.id > after)
+    rows = await conn.execute(query.order_by(lead.c.id).limit(limit))
+    return list(rows.scalars())
+
+
+async def lead_traits(conn: AsyncConnection, lead_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
+    rows = await conn.execute(sa.select(lead.c.id, lead.c.traits).where(lead.c.id.in_(list(lead_ids))))
+    return {row[0]: dict(row[1]) for row in rows}

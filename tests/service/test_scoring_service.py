@@ -1,0 +1,255 @@
+"""Scoring in the service: scores on ingest, explanations, previews, shadow versions, rescoring."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
+from service.app import create_app
+from service.db import create_engine
+from service.pipelines import InvalidPipeline, assign_slot, rescore_leads
+from service.repositories import pipelines as repo
+from service.settings import Settings
+from tests.conftest import Db, Sender, lead_event
+
+pytestmark = pytest.mark.anyio
+
+GOOD = {
+    "Lead Origin": "Lead Add Form",
+    "What is your current occupation": "Working Professional",
+    "TotalVisits": "6",
+    "Total Time Spent on Website": "1500",
+}
+POOR = {"Lead Origin": "API", "Do Not Email": "Yes", "TotalVisits": "0"}
+
+
+async def register(settings: Settings, trained: Any, *, slot: str | None = "active", artifact: Any = None) -> int:
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.begin() as conn:
+            version_id = await repo.insert_version(
+                conn,
+                name="x-education",
+                spec=trained.spec_dict,
+                artifact=artifact or trained.result.artifact,
+                metrics=trained.result.metrics,
+                sklearn_version="test",
+                training_data_sha256=None,
+                created_by="test",
+                now=dt.datetime.now(dt.UTC),
+            )
+        if slot is not None:
+            await assign_slot(engine, slot=slot, version_id=version_id, actor="test")
+        return version_id
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def ops(settings: Settings) -> dict[str, str]:
+    from service.auth import create_key
+
+    engine = create_engine(settings.database_url)
+    try:
+        key = (await create_key(engine, name="t", role="ops", now=dt.datetime.now(dt.UTC))).key
+    finally:
+        await engine.dispose()
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+async def scored_client(settings: Settings, trained: Any) -> AsyncIterator[tuple[httpx.AsyncClient, int]]:
+    version = await register(settings, trained)
+    fast = settings.model_copy(update={"pipeline_refresh_seconds": 0.05})
+    app = create_app(fast)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
+        yield c, version
+
+
+async def test_ingest_scores_the_lead_and_answers_with_score_and_grade(
+    scored_client: tuple[httpx.AsyncClient, int], sender: Sender, db: Db, trained: Any
+) -> None:
+    client, version = scored_client
+    good = (await sender.post(client, lead_event(id="g", traits=GOOD))).json()
+    poor = (await sender.post(client, lead_event(id="p", email="bo@acme.io", traits=POOR))).json()
+    assert good["score"] > poor["score"]
+    assert good["grade"][0] < poor["grade"][0]  # A is the best fit letter
+    [record] = await db.rows(
+        "SELECT pipeline_version_id, shadow, score, grade, probability, inputs_digest, explanation "
+        "FROM score_record WHERE lead_id = :lead",
+        lead=uuid.UUID(good["lead_id"]) if "postgresql" in str(db.engine.url) else uuid.UUID(good["lead_id"]).hex,
+    )
+    assert (record.pipeline_version_id, record.shadow, record.grade) == (version, False, good["grade"])
+    assert record.score == good["score"]
+    assert len(record.inputs_digest) == 64
+    # The stored score is what the pipeline gives for the lead's profile.
+    expected = trained.compiled.score(trained.profile(GOOD), now=dt.datetime.now(dt.UTC))
+    assert record.probability == pytest.approx(expected.probability, abs=1e-12)
+
+
+async def test_repeat_answers_with_the_current_score(
+    scored_client: tuple[httpx.AsyncClient, int], sender: Sender, db: Db
+) -> None:
+    client, _ = scored_client
+    first = await sender.post(client, lead_event(id="g", traits=GOOD), msg_id="m")
+    again = await sender.post(client, lead_event(id="g", traits=GOOD), msg_id="m")
+    assert again.status_code == 200
+    assert (again.json()["score"], again.json()["grade"]) == (first.json()["score"], first.json()["grade"])
+    assert await db.scalar("SELECT count(*) FROM score_record") == 1
+
+
+async def test_activities_raise_engagement(scored_client: tuple[httpx.AsyncClient, int], sender: Sender) -> None:
+    client, _ = scored_client
+    now = dt.datetime.now(dt.UTC)
+    before = (await sender.post(client, lead_event(id="g", traits=GOOD))).json()
+    views = [
+        lead_event(
+            id=f"v{i}",
+            type="lead.activity",
+            name="Page Viewed",
+            traits={},
+            occurred_at=(now - dt.timedelta(hours=i)).isoformat(),
+        )
+        for i in range(3)
+    ]
+    after = (await sender.post(client, views)).json()
+    lead_id = before["lead_id"]
+    assert after["scores"][lead_id]["score"] > before["score"]
+
+
+async def test_lead_read_has_score_explanation_and_history(
+    scored_client: tuple[httpx.AsyncClient, int], sender: Sender, ops: dict[str, str]
+) -> None:
+    client, version = scored_client
+    lead_id = (await sender.post(client, lead_event(id="a", traits=GOOD))).json()["lead_id"]
+    await sender.post(client, lead_event(id="b", traits={"TotalVisits": "9"}, occurred_at="2026-11-21T10:00:00Z"))
+    lead = (await client.get(f"/v1/leads/{lead_id}", headers=ops)).json()
+    score = lead["score"]
+    assert score["pipeline_version"] == version
+    explanation = score["explanation"]
+    assert {r["rule_id"] for r in explanation["rules"]} >= {"working-professional", "lead-add-form"}
+    assert all({"name", "value", "contribution"} <= f.keys() for f in explanation["features"])
+    assert len(explanation["top_features_up"]) <= 3
+    assert [h["score"] for h in lead["score_history"]][0] == score["score"]
+    assert len(lead["score_history"]) == 2
+    assert lead["score_history"][0]["explanation"] is None
+    assert lead["shadow_score"] is None
+
+
+async def test_score_preview_persists_nothing(
+    scored_client: tuple[httpx.AsyncClient, int], ops: dict[str, str], db: Db
+) -> None:
+    client, version = scored_client
+    before = await db.counts()
+    now = dt.datetime.now(dt.UTC)
+    body = {
+        "traits": GOOD,
+        "activities": [{"name": "Page Viewed", "occurred_at": now.isoformat(), "properties": {"url": "/pricing"}}],
+    }
+    preview = await client.post("/v1/score", json=body, headers=ops)
+    assert preview.status_code == 200, preview.text
+    assert preview.json()["pipeline_version"] == version
+    assert preview.json()["explanation"]["rules"]
+    assert await db.counts() == before
+    assert await db.scalar("SELECT count(*) FROM score_record") == 0
+    unauthenticated = await client.post("/v1/score", json=body)
+    assert unauthenticated.status_code == 401
+    bad = await client.post("/v1/score", json={"traits": {"x": {"nested": 1}}}, headers=ops)
+    assert bad.status_code == 422
+    missing = await client.post("/v1/score", json={"traits": {}, "pipeline_version": 999}, headers=ops)
+    assert (missing.status_code, missing.json()["error"]) == (404, "PipelineNotFound")
+
+
+async def test_preview_without_an_active_pipeline_is_409(client: httpx.AsyncClient, ops: dict[str, str]) -> None:
+    response = await client.post("/v1/score", json={"traits": GOOD}, headers=ops)
+    assert (response.status_code, response.json()["error"]) == (409, "NoActivePipeline")
+
+
+async def test_ingest_without_a_pipeline_stores_unscored(client: httpx.AsyncClient, sender: Sender, db: Db) -> None:
+    answer = (await sender.post(client, lead_event())).json()
+    assert (answer["score"], answer["grade"], answer["scores"]) == (None, None, {})
+    assert await db.scalar("SELECT count(*) FROM inbound_event") == 1
+
+
+async def test_shadow_version_scores_alongside_without_changing_current(
+    scored_client: tuple[httpx.AsyncClient, int],
+    sender: Sender,
+    settings: Settings,
+    trained: Any,
+    ops: dict[str, str],
+    db: Db,
+) -> None:
+    client, active = scored_client
+    artifact = dict(trained.result.artifact) | {"intercept": trained.result.artifact["intercept"] + 1.0}
+    shadow = await register(settings, trained, slot="shadow", artifact=artifact)
+    await asyncio.sleep(0.3)  # the app's refresh loop picks the slot up
+    answer = (await sender.post(client, lead_event(id="s", traits=GOOD))).json()
+    rows = await db.rows("SELECT pipeline_version_id, shadow, score FROM score_record ORDER BY shadow")
+    assert [(r.pipeline_version_id, r.shadow) for r in rows] == [(active, False), (shadow, True)]
+    assert answer["scores"][answer["lead_id"]]["pipeline_version"] == active
+    assert answer["score"] == rows[0].score
+    lead = (await client.get(f"/v1/leads/{answer['lead_id']}", headers=ops)).json()
+    assert lead["score"]["pipeline_version"] == active
+    assert lead["shadow_score"]["pipeline_version"] == shadow
+
+    comparison = (await client.get(f"/v1/pipelines/{shadow}/comparison", headers=ops)).json()
+    assert comparison["baseline_version"] == active
+    assert comparison["leads_compared"] == 1
+    assert comparison["mean_score_difference"] == pytest.approx(rows[1].score - rows[0].score, abs=1e-3)
+    listed = (await client.get("/v1/pipelines", headers=ops)).json()
+    assert [(p["version"], p["active"], p["shadow"]) for p in listed] == [(active, True, False), (shadow, False, True)]
+    detail = (await client.get(f"/v1/pipelines/{active}", headers=ops)).json()
+    assert detail["spec"]["name"] == "x-education"
+    assert detail["metrics"]["cv"]["roc_auc"] > 0.8
+    assert (await client.get("/v1/pipelines/999", headers=ops)).status_code == 404
+
+
+async def test_pipeline_versions_are_immutable_in_the_database(settings: Settings, trained: Any, db: Db) -> None:
+    version = await register(settings, trained)
+    for statement in ("UPDATE pipeline_version SET name = 'changed'", "DELETE FROM pipeline_version"):
+        with pytest.raises(DBAPIError, match="immutable"):
+            async with db.engine.begin() as conn:
+                await conn.execute(sa.text(statement))
+    assert await db.scalar("SELECT name FROM pipeline_version WHERE id = :v", v=version) == "x-education"
+
+
+async def test_artifact_from_another_sklearn_version_is_refused(settings: Settings, trained: Any) -> None:
+    artifact = dict(trained.result.artifact) | {"sklearn_version": "0.0.1"}
+    version = await register(settings, trained, slot=None, artifact=artifact)
+    engine = create_engine(settings.database_url)
+    try:
+        with pytest.raises(InvalidPipeline, match="scikit-learn .0.0.1."):
+            await assign_slot(engine, slot="active", version_id=version, actor="test")
+    finally:
+        await engine.dispose()
+
+
+async def test_rescore_is_resumable_and_uses_the_version(
+    scored_client: tuple[httpx.AsyncClient, int], sender: Sender, settings: Settings, trained: Any, db: Db
+) -> None:
+    client, active = scored_client
+    for i in range(7):
+        await sender.post(client, lead_event(id=f"r{i}", email=f"p{i}@acme.io", traits=GOOD))
+    other = await register(settings, trained, slot=None)
+    engine = create_engine(settings.database_url)
+    try:
+        lookback = dt.timedelta(days=365)
+        assert await rescore_leads(engine, version_id=other, batch_size=3, lookback=lookback) == 7
+        # Everything is done: a second run (as after an interruption) finds nothing left.
+        assert await rescore_leads(engine, version_id=other, batch_size=3, lookback=lookback) == 0
+    finally:
+        await engine.dispose()
+    # A version that is not active writes shadow records: current scores stay the active one's.
+    assert await db.scalar("SELECT count(*) FROM score_record WHERE pipeline_version_id = :v AND shadow", v=other) == 7
+    assert await db.scalar("SELECT count(*) FROM score_record WHERE pipeline_version_id = :v", v=active) == 7
