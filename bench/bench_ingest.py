@@ -49,33 +49,53 @@ def free_port() -> int:
         return port
 
 
+OCCUPATIONS = ["Working Professional", "Unemployed", "Student", "Select", "Businessman"]
+ORIGINS = ["Landing Page Submission", "API", "Lead Add Form", "Lead Import"]
+
+
 def make_event(i: int) -> dict[str, object]:
-    """A ~1 KB lead event of a person out of 20,000 (so some events hit existing leads)."""
+    """A ~1 KB lead event of a person out of 20,000 (so some events hit existing leads), with the
+    traits the demo pipeline scores (X Education's form fields); every 4th is a page view."""
     person = i % 20_000
+    subject = {"email": f"person{person}@example.com", "external_ids": {"hubspot": str(100000 + person)}}
+    now = dt.datetime.now(dt.UTC).isoformat()
+    if i % 4 == 3:
+        return {
+            "id": f"bench-{uuid.uuid4().hex}",
+            "type": "lead.activity",
+            "name": "Page Viewed",
+            "occurred_at": now,
+            "subject": subject,
+            "properties": {
+                "url": "/pricing" if i % 8 == 3 else "/blog/how-to-upskill",
+                "seconds": i % 300,
+                "referrer": "https://www.google.com/",
+                "title": "x" * 500,
+            },
+        }
     return {
         "id": f"bench-{uuid.uuid4().hex}",
         "type": "lead.updated" if i % 3 else "lead.identified",
-        "occurred_at": dt.datetime.now(dt.UTC).isoformat(),
-        "subject": {"email": f"person{person}@example.com", "external_ids": {"hubspot": str(100000 + person)}},
+        "occurred_at": now,
+        "subject": subject,
         "traits": {
+            "Lead Origin": ORIGINS[i % len(ORIGINS)],
+            "Lead Source": "Google",
+            "Do Not Email": "No",
+            "Do Not Call": "No",
+            "TotalVisits": str(i % 17),
+            "Total Time Spent on Website": str((i * 37) % 2000),
+            "Page Views Per Visit": "2.5",
+            "Country": "India",
+            "Specialization": "Operations Management",
+            "What is your current occupation": OCCUPATIONS[i % len(OCCUPATIONS)],
+            "What matters most to you in choosing a course": "Better Career Prospects",
+            "City": "Mumbai",
+            "A free copy of Mastering The Interview": "No",
             "first_name": "Ana",
-            "last_name": "Example",
             "company": "Acme Learning Ltd",
-            "job_title": "Head of Operations",
-            "country": "Portugal",
-            "city": "Lisbon",
-            "lead_origin": "Landing Page Submission",
-            "lead_source": "Google",
-            "occupation": "Working Professional",
-            "specialization": "Operations Management",
-            "total_visits": i % 17,
-            "total_time_on_site_seconds": (i * 37) % 2000,
-            "page_views_per_visit": 2.5,
-            "do_not_email": False,
-            "do_not_call": False,
             "utm_campaign": "winter-2026-upskilling",
-            "utm_medium": "cpc",
-            "notes": "x" * 300,
+            "notes": "x" * 240,
         },
     }
 
@@ -158,12 +178,32 @@ async def pg_admin(base: str, sql: str) -> None:
         await conn.close()
 
 
+async def set_active(db_url: str, version: int | None) -> None:
+    conn = await asyncpg.connect(make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        await conn.execute("DELETE FROM pipeline_slot WHERE slot = 'active'")
+        if version is not None:
+            await conn.execute(
+                "INSERT INTO pipeline_slot (slot, version_id, assigned_at, assigned_by) "
+                "VALUES ('active', $1, now(), 'bench')",
+                version,
+            )
+    finally:
+        await conn.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--requests", type=int, default=120_000, help="pre-signed requests per run")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["ceiling", "ingest", "ingest+score"],
+        help="ceiling (bare FastAPI), ingest (no pipeline active), ingest+score (demo pipeline active)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
@@ -187,9 +227,26 @@ def main() -> None:
             ).stdout
         )
         secret = created["secret"]
+        if "ingest+score" in args.kinds:
+            subprocess.run(
+                [
+                    BIN / "leadscore",
+                    "train",
+                    "--spec",
+                    ROOT / "pipelines" / "x-education.yaml",
+                    "--data",
+                    ROOT.parent / "shared" / "data" / "x-education" / "leads_train.csv",
+                    "--label",
+                    "Converted",
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
         for workers in args.workers:
             for run in range(args.runs):
-                for kind in ("ceiling", "ingest"):
+                for kind in args.kinds:
+                    asyncio.run(set_active(db_url, 1 if kind == "ingest+score" else None))
                     requests_file = tmp / f"requests-{kind}-{workers}-{run}.tsv"
                     size = write_requests(requests_file, secret, args.requests)
                     port = free_port()

@@ -2,6 +2,12 @@
 
 `models.metadata` is what Alembic compares migrations against. No API schemas and no logic live
 here; queries live in `service.repositories`.
+
+The append-only ingest tables (`inbound_request`, `inbound_event`, `lead_identity`,
+`score_record`) carry no foreign keys: their rows are written only by the ingest transaction, which
+inserts or locks every row they point at in that same transaction, and the checks cost PostgreSQL
+more than the inserts themselves (measured: 196 vs 120 us of server time per event). Tests check
+for orphans after concurrent ingest.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from models.types import UtcDateTime, json_type
+from models.types import UtcDateTime, json_document, json_type
 
 metadata = SQLModel.metadata
 metadata.naming_convention = {
@@ -90,7 +96,7 @@ class LeadIdentity(SQLModel, table=True):
     __table_args__ = (sa.UniqueConstraint("namespace", "value", name="uq_lead_identity_namespace_value"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    lead_id: uuid.UUID = Field(foreign_key="lead.id", nullable=False, index=True)
+    lead_id: uuid.UUID = Field(nullable=False, index=True)
     namespace: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
     value: str = Field(sa_column=sa.Column(sa.String(320), nullable=False))
     created_at: dt.datetime = _ts()
@@ -102,7 +108,7 @@ class InboundRequest(SQLModel, table=True):
     __tablename__ = "inbound_request"
 
     id: uuid.UUID = Field(primary_key=True)
-    source_id: int = Field(foreign_key="source.id", nullable=False, index=True)
+    source_id: int = Field(nullable=False)
     webhook_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(200), nullable=True))
     content_type: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
     body: bytes = Field(sa_column=sa.Column(sa.LargeBinary(), nullable=False))
@@ -119,15 +125,15 @@ class InboundEvent(SQLModel, table=True):
     )
 
     id: uuid.UUID = Field(primary_key=True)
-    source_id: int = Field(foreign_key="source.id", nullable=False)
+    source_id: int = Field(nullable=False)
     external_id: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
-    request_id: uuid.UUID = Field(foreign_key="inbound_request.id", nullable=False, index=True)
-    lead_id: uuid.UUID = Field(foreign_key="lead.id", nullable=False)
+    request_id: uuid.UUID = Field(nullable=False)
+    lead_id: uuid.UUID = Field(nullable=False)
     type: str = Field(sa_column=sa.Column(sa.String(32), nullable=False))
     name: str | None = Field(default=None, sa_column=sa.Column(sa.String(200), nullable=True))
     occurred_at: dt.datetime = _ts()
     received_at: dt.datetime = _ts()
-    payload: dict[str, Any] = Field(sa_column=sa.Column(json_type(), nullable=False))
+    payload: dict[str, Any] = Field(sa_column=sa.Column(json_document(), nullable=False))
 
 
 class LeadMerge(SQLModel, table=True):
@@ -183,8 +189,8 @@ class ScoreRecord(SQLModel, table=True):
     )
 
     id: uuid.UUID = Field(primary_key=True)
-    lead_id: uuid.UUID = Field(foreign_key="lead.id", nullable=False)
-    pipeline_version_id: int = Field(foreign_key="pipeline_version.id", nullable=False)
+    lead_id: uuid.UUID = Field(nullable=False)
+    pipeline_version_id: int = Field(nullable=False)
     shadow: bool = Field(nullable=False)
     event_id: uuid.UUID | None = Field(default=None, nullable=True)
     scored_at: dt.datetime = _ts()
@@ -194,4 +200,4 @@ class ScoreRecord(SQLModel, table=True):
     engagement: float = Field(nullable=False)
     probability: float = Field(nullable=False)
     grade: str = Field(sa_column=sa.Column(sa.String(8), nullable=False))
-    explanation: dict[str, Any] = Field(sa_column=sa.Column(json_type(), nullable=False))
+    explanation: dict[str, Any] = Field(sa_column=sa.Column(json_document(), nullable=False))

@@ -42,3 +42,9 @@ class UtcDateTime(sa.TypeDecorator[dt.datetime]):
 def json_type() -> sa.types.TypeEngine[Any]:
     """JSON on SQLite, JSONB on PostgreSQL."""
     return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+def json_document() -> sa.types.TypeEngine[Any]:
+    """JSON stored as written (PostgreSQL `json`, not `jsonb`): for write-once documents that SQL
+    never looks inside (event payloads, score explanations); it skips jsonb's binary conversion."""
+    return sa.JSON()

@@ -254,6 +254,17 @@ class IngestWriter:
         return await future
 
     async def _run(self) -> None:
+        # This writer's own connection, kept between batches: a pool checkout, begin and return per
+        # batch cost more than some of its statements. Dropped on failure, made anew when needed.
+        held: list[AsyncConnection] = []
+        try:
+            await self._loop(held)
+        finally:
+            for conn in held:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _loop(self, held: list[AsyncConnection]) -> None:
         while True:
             batch = [await self._queue.get()]
             events = len(batch[0][0].events)
@@ -262,23 +273,23 @@ class IngestWriter:
                 batch.append(item)
                 events += len(item[0].events)
             try:
-                await self._commit(batch)
+                await self._commit(batch, held)
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending], held: list[AsyncConnection]) -> None:
         live = [(job, fut) for job, fut in batch if not fut.cancelled()]
         if not live:
             return
         try:
-            results = await self._write([job for job, _ in live])
+            results = await self._write([job for job, _ in live], held)
         except Exception as exc:
             if len(live) > 1 and isinstance(exc, DBAPIError) and not exc.connection_invalidated:
                 # One bad job must not fail its neighbours: write each on its own.
                 log.warning("group commit failed; retrying jobs one by one", error=str(exc), jobs=len(live))
                 for item in live:
-                    await self._commit([item])
+                    await self._commit([item], held)
                 return
             storage_down = isinstance(exc, DBAPIError | OSError | TimeoutError)
             if storage_down:
@@ -297,12 +308,27 @@ class IngestWriter:
             if not fut.done():
                 fut.set_result(result)
 
-    async def _write(self, jobs: list[IngestJob]) -> list[IngestResult]:
-        conn = await writer_connection(self._engine)
+    async def _write(self, jobs: list[IngestJob], held: list[AsyncConnection]) -> list[IngestResult]:
+        reused = bool(held)
+        try:
+            return await self._write_on(jobs, held)
+        except DBAPIError as exc:
+            if not (reused and exc.connection_invalidated):
+                raise
+            # The kept connection went stale (database restarted): one more try on a fresh one.
+            return await self._write_on(jobs, held)
+
+    async def _write_on(self, jobs: list[IngestJob], held: list[AsyncConnection]) -> list[IngestResult]:
+        if not held:
+            held.append(await writer_connection(self._engine))
+        conn = held[0]
         try:
             async with conn.begin():
                 return await write_batch(
                     conn, jobs, self._clock(), pipelines=self._pipelines(), lookback=self._lookback
                 )
-        finally:
-            await conn.close()
+        except BaseException:
+            held.clear()
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise

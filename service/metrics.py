@@ -63,14 +63,20 @@ class RequestMetrics:
             )
 
 
+ROUTE_TEMPLATE = "leadscore.route_template"
+
+
 def _route_template(scope: Scope) -> str:
+    named = scope.get(ROUTE_TEMPLATE)
+    if isinstance(named, str):
+        return named
     route = scope.get("route")
     path = getattr(route, "path", None)
     if isinstance(path, str):
         return path
     app = scope.get("app")
     for candidate in getattr(getattr(app, "router", None), "routes", []):
-        match, _ = candidate.matches(scope)
-        if match == Match.FULL:
-            return str(candidate.path)
+        template = getattr(candidate, "path", None)
+        if isinstance(template, str) and candidate.matches(scope)[0] == Match.FULL:
+            return template
     return "unmatched"

@@ -205,6 +205,22 @@ class Db:
         tables = ["lead", "lead_identity", "inbound_request", "inbound_event", "lead_merge"]
         return {t: int(await self.scalar(f"SELECT count(*) FROM {t}")) for t in tables}
 
+    async def orphans(self) -> dict[str, int]:
+        """Rows of the ingest tables (which carry no foreign keys) that point at nothing."""
+        checks = {
+            "event->lead": "SELECT count(*) FROM inbound_event e LEFT JOIN lead l ON l.id = e.lead_id "
+            "WHERE l.id IS NULL",
+            "event->request": "SELECT count(*) FROM inbound_event e LEFT JOIN inbound_request r "
+            "ON r.id = e.request_id WHERE r.id IS NULL",
+            "event->merged lead": "SELECT count(*) FROM inbound_event e JOIN lead l ON l.id = e.lead_id "
+            "WHERE l.merged_into_id IS NOT NULL",
+            "identity->lead": "SELECT count(*) FROM lead_identity i LEFT JOIN lead l ON l.id = i.lead_id "
+            "WHERE l.id IS NULL OR l.merged_into_id IS NOT NULL",
+            "score->lead": "SELECT count(*) FROM score_record s LEFT JOIN lead l ON l.id = s.lead_id "
+            "WHERE l.id IS NULL",
+        }
+        return {name: int(await self.scalar(sql)) for name, sql in checks.items()}
+
 
 @pytest.fixture
 async def db(settings: Settings) -> AsyncIterator[Db]:

@@ -119,6 +119,7 @@ async def test_fifty_concurrent_copies_store_one_event(
         "inbound_event": 1,
         "lead_merge": 0,
     }
+    assert set((await db.orphans()).values()) == {0}
 
 
 async def test_interleaved_events_of_one_person_give_one_lead(
@@ -159,6 +160,7 @@ async def test_interleaved_events_of_one_person_give_one_lead(
     ]
     merged = await db.scalar("SELECT count(*) FROM lead WHERE merged_into_id IS NOT NULL")
     assert await db.scalar("SELECT count(*) FROM lead_merge") == merged
+    assert set((await db.orphans()).values()) == {0}
 
 
 async def test_an_event_naming_two_leads_merges_them(
@@ -186,6 +188,7 @@ async def test_an_event_naming_two_leads_merges_them(
     assert (u(merge.survivor_id), u(merge.merged_id), u(merge.event_id)) == (a, b, both.json()["event_ids"][0])
     assert await db.scalar("SELECT count(*) FROM inbound_event") == 3
     assert await db.scalar("SELECT count(DISTINCT lead_id) FROM inbound_event") == 1
+    assert set((await db.orphans()).values()) == {0}
 
     key = await _ops_key(settings)
     for lead_id in (a, b):
