@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.repositories.ingest import bulk_insert, driver, in_list
 from service.repositories.tables import inbound_event, lead, pipeline_slot, pipeline_version, score_record
 
 SLOTS = ("active", "shadow")
@@ -82,27 +83,48 @@ async def set_slot(conn: AsyncConnection, *, slot: str, version_id: int | None, 
 
 
 async def insert_scores(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    if rows:
-        await conn.execute(score_record.insert(), list(rows))
+    await bulk_insert(conn, score_record, rows)
 
 
-async def lead_activities(conn: AsyncConnection, lead_ids: Sequence[uuid.UUID], *, since: dt.datetime) -> list[Any]:
-    """Activity events of the leads since `since`: `(lead_id, name, occurred_at, payload)` rows."""
-    if not lead_ids:
-        return []
-    ids: sa.ColumnElement[bool]
-    if conn.dialect.name == "postgresql":
-        ids = inbound_event.c.lead_id == sa.any_(
-            sa.bindparam(None, list(lead_ids), type_=postgresql.ARRAY(inbound_event.c.lead_id.type))
-        )
-    else:
-        ids = inbound_event.c.lead_id.in_(list(lead_ids))
-    rows = await conn.execute(
+class ActivityRow(NamedTuple):
+    lead_id: uuid.UUID
+    name: str | None
+    occurred_at: dt.datetime
+    payload: dict[str, Any]
+
+
+@functools.cache
+def _activities(dialect: str) -> sa.Select[Any]:
+    # Built once: on the ingest path, building a statement costs more than running it.
+    return (
         sa.select(inbound_event.c.lead_id, inbound_event.c.name, inbound_event.c.occurred_at, inbound_event.c.payload)
-        .where(ids, inbound_event.c.type == "lead.activity", inbound_event.c.occurred_at >= since)
+        .where(
+            in_list(inbound_event.c.lead_id, "lead_ids", dialect),
+            inbound_event.c.type == "lead.activity",
+            inbound_event.c.occurred_at >= sa.bindparam("since"),
+        )
         .order_by(inbound_event.c.occurred_at, inbound_event.c.id)
     )
-    return list(rows)
+
+
+_PG_ACTIVITIES = (
+    "SELECT lead_id, name, occurred_at, payload FROM inbound_event "
+    "WHERE lead_id = ANY($1::uuid[]) AND type = 'lead.activity' AND occurred_at >= $2 ORDER BY occurred_at, id"
+)
+
+
+async def lead_activities(
+    conn: AsyncConnection, lead_ids: Sequence[uuid.UUID], *, since: dt.datetime
+) -> list[ActivityRow]:
+    """Activity events of the leads since `since`, oldest first."""
+    if not lead_ids:
+        return []
+    if conn.dialect.name == "postgresql":
+        # The ingest hot path: straight on the driver, in the caller's transaction (see `driver`).
+        records = await (await driver(conn)).fetch(_PG_ACTIVITIES, list(lead_ids), since)
+        return [ActivityRow(*record) for record in records]
+    rows = await conn.execute(_activities(conn.dialect.name), {"lead_ids": list(lead_ids), "since": since})
+    return [ActivityRow(*row) for row in rows]
 
 
 async def latest_scores(
