@@ -178,6 +178,14 @@ async def pg_admin(base: str, sql: str) -> None:
         await conn.close()
 
 
+async def count_events(db_url: str) -> int:
+    conn = await asyncpg.connect(make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM inbound_event"))
+    finally:
+        await conn.close()
+
+
 async def set_active(db_url: str, version: int | None) -> None:
     conn = await asyncpg.connect(make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False))
     try:
@@ -272,6 +280,7 @@ def main() -> None:
                             str(workers),
                             "--no-dev",
                         ]
+                    stored_before = asyncio.run(count_events(db_url))
                     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
                     try:
                         wait_ready(f"http://127.0.0.1:{port}/docs", proc)
@@ -281,11 +290,13 @@ def main() -> None:
                         stop(proc)
                     requests_file.unlink()
                     result["body_bytes"] = size
+                    # Every request carries a new event: ingest must store one event per 202.
+                    result["stored"] = asyncio.run(count_events(db_url)) - stored_before
                     results.setdefault((kind, workers), []).append(result)
                     print(
                         f"workers={workers} run={run + 1} {kind:8s} {result['rps']:8.0f} req/s  "
                         f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:7.1f} ms  "
-                        f"errors {result['errors']:.0f}  (body {size} B)",
+                        f"errors {result['errors']:.0f}  stored {result['stored']:.0f}  (body {size} B)",
                         flush=True,
                     )
     finally:
@@ -295,16 +306,19 @@ def main() -> None:
     print("\nmedian of runs (min-max):")
     for workers in args.workers:
         med = {}
-        for kind in ("ceiling", "ingest"):
+        for kind in args.kinds:
             rs = results[(kind, workers)]
             rps = [r["rps"] for r in rs]
             med[kind] = statistics.median(rps)
             print(
-                f"  workers={workers} {kind:8s} {med[kind]:8.0f} req/s ({min(rps):.0f}-{max(rps):.0f})  "
+                f"  workers={workers} {kind:12s} {med[kind]:8.0f} req/s ({min(rps):.0f}-{max(rps):.0f})  "
                 f"p50 {statistics.median(r['p50_ms'] for r in rs):.1f} ms  "
-                f"p99 {statistics.median(r['p99_ms'] for r in rs):.1f} ms"
+                f"p99 {statistics.median(r['p99_ms'] for r in rs):.1f} ms  "
+                f"errors {sum(r['errors'] for r in rs):.0f}"
             )
-        print(f"  workers={workers} ingest/ceiling = {med['ingest'] / med['ceiling']:.0%}")
+        for kind in args.kinds:
+            if kind != "ceiling" and "ceiling" in med:
+                print(f"  workers={workers} {kind}/ceiling = {med[kind] / med['ceiling']:.0%}")
 
 
 if __name__ == "__main__":

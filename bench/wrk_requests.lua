@@ -1,8 +1,9 @@
 -- Replays pre-signed webhook requests, each once: every request carries a unique event id.
 -- The file has one request per line: webhook-id \t timestamp \t signature \t body.
+-- `thread_id` is a global on purpose: `thread:set` in setup() assigns globals of each thread's
+-- Lua state, and a local of the same name would hide it (every thread would replay the same share).
 local requests = {}
 local index = 0
-local thread_id = 0
 local threads = {}
 local counter = 0
 
@@ -13,6 +14,7 @@ function setup(thread)
 end
 
 function init(args)
+  assert(thread_id ~= nil, "setup() did not give this thread an id")
   local path = args[1]
   local nthreads = tonumber(args[2])
   local n = 0

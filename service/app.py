@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import Receive, Scope, Send
 
 from service.api import health, leads, pipelines, webhooks
 from service.api.deps import Services
@@ -25,6 +26,17 @@ from service.sources import SourceRegistry
 from service.webhooks.receive import WebhookLimits
 
 log = structlog.get_logger(__name__)
+
+
+class LeadscoreApp(FastAPI):
+    """FastAPI, with the webhook route answered before the framework's layers (see
+    `service.api.webhooks.receive_webhook`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if webhooks.is_webhook(scope):
+            await webhooks.receive_webhook(self.state.services, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await pipelines.stop()
             await engine.dispose()
 
-    app = FastAPI(
+    app = LeadscoreApp(
         title="Leadscore",
         version="0.1.0",
         description="Lead events in through signed webhooks; explainable scores and CRM handoffs out.",
@@ -84,7 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestMetrics)
     install_error_handlers(app)
-    app.add_route("/v1/webhooks/{source}", webhooks.receive_webhook, methods=["POST"])
     app.include_router(leads.router)
     app.include_router(pipelines.router)
     app.include_router(health.router)
@@ -92,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            # The webhook is a plain Starlette route (see service.api.webhooks): describe it ourselves.
+            # The webhook is a raw ASGI handler (see service.api.webhooks): describe it ourselves.
             path_item, models = webhooks.openapi_path()
             schema["paths"] = {"/v1/webhooks/{source}": path_item, **schema["paths"]}
             components = schema.setdefault("components", {}).setdefault("schemas", {})

@@ -63,13 +63,7 @@ class RequestMetrics:
             )
 
 
-ROUTE_TEMPLATE = "leadscore.route_template"
-
-
 def _route_template(scope: Scope) -> str:
-    named = scope.get(ROUTE_TEMPLATE)
-    if isinstance(named, str):
-        return named
     route = scope.get("route")
     path = getattr(route, "path", None)
     if isinstance(path, str):

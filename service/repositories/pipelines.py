@@ -130,20 +130,29 @@ async def lead_activities(
 async def latest_scores(
     conn: AsyncConnection, lead_ids: Sequence[uuid.UUID], *, shadow: bool = False
 ) -> dict[uuid.UUID, dict[str, Any]]:
-    """The most recent score record of each lead (active or shadow)."""
-    found: dict[uuid.UUID, dict[str, Any]] = {}
-    for lead_id in dict.fromkeys(lead_ids):
-        row = (
-            await conn.execute(
-                sa.select(score_record)
-                .where(score_record.c.lead_id == lead_id, score_record.c.shadow.is_(shadow))
-                .order_by(score_record.c.scored_at.desc(), score_record.c.id.desc())
-                .limit(1)
+    """The most recent score record of each lead (active or shadow), in one statement."""
+    if not lead_ids:
+        return {}
+    rows = await conn.execute(_latest(conn.dialect.name), {"lead_ids": list(dict.fromkeys(lead_ids)), "shadow": shadow})
+    return {row.lead_id: {k: v for k, v in row._mapping.items() if k != "rn"} for row in rows}
+
+
+@functools.cache
+def _latest(dialect: str) -> sa.Select[Any]:
+    ranked = (
+        sa.select(
+            score_record,
+            sa.func.row_number()
+            .over(
+                partition_by=score_record.c.lead_id,
+                order_by=(score_record.c.scored_at.desc(), score_record.c.id.desc()),
             )
-        ).one_or_none()
-        if row is not None:
-            found[lead_id] = dict(row._mapping)
-    return found
+            .label("rn"),
+        )
+        .where(in_list(score_record.c.lead_id, "lead_ids", dialect), score_record.c.shadow == sa.bindparam("shadow"))
+        .subquery()
+    )
+    return sa.select(ranked).where(ranked.c.rn == 1)
 
 
 async def score_history(conn: AsyncConnection, lead_id: uuid.UUID, *, limit: int) -> list[dict[str, Any]]:
