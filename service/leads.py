@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.errors import LeadNotFound
 from service.events import EventRead, IdentityRead, LeadRead, ScoreRead
+from service.pipelines import unpack_explanation
 from service.repositories import leads as repo
 from service.repositories import pipelines as pipelines_repo
 
@@ -63,5 +64,5 @@ def _score(row: dict[str, Any] | None, *, explanation: bool = True) -> ScoreRead
         probability=row["probability"],
         grade=row["grade"],
         inputs_digest=row["inputs_digest"],
-        explanation=row.get("explanation") if explanation else None,
+        explanation=unpack_explanation(row["explanation"]) if explanation and row.get("explanation") else None,
     )

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scoring.errors import ScoringError
-from scoring.pipeline import CompiledPipeline, Score, compile_pipeline
+from scoring.pipeline import CompiledPipeline, Explanation, Score, compile_pipeline
 from scoring.profile import Activity, LeadProfile
 from scoring.spec import PipelineSpec
 from scoring.training import train_pipeline
@@ -170,6 +170,42 @@ def profile_of(traits: Mapping[str, Any], activities: Iterable[Any]) -> LeadProf
     )
 
 
+_RULE_FIELDS = ("rule_id", "group", "kind", "points", "awarded", "capped", "daily_capped", "occurrences")
+_FEATURE_FIELDS = ("name", "value", "contribution")
+_PACKED = 2
+
+
+def pack_explanation(explanation: Explanation) -> dict[str, Any]:
+    """The stored form of an explanation: rules and features as positional rows with their field
+    names once. A score record is written for every event, and `to_dict`'s repeated keys were more
+    than half of its bytes."""
+    return {
+        "format": _PACKED,
+        "rule_fields": _RULE_FIELDS,
+        "rules": [tuple(hit) for hit in explanation.rules],
+        "feature_fields": _FEATURE_FIELDS,
+        "features": [tuple(feature) for feature in explanation.features],
+        "baseline_log_odds": explanation.baseline_log_odds,
+        "log_odds": explanation.log_odds,
+        "contribution_scale": explanation.contribution_scale,
+        "total_cap_cut": explanation.total_cap_cut,
+        "top_rules_up": [hit.rule_id for hit in explanation.top_rules_up],
+        "top_rules_down": [hit.rule_id for hit in explanation.top_rules_down],
+        "top_features_up": [f.name for f in explanation.top_features_up],
+        "top_features_down": [f.name for f in explanation.top_features_down],
+    }
+
+
+def unpack_explanation(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The explanation as `Explanation.to_dict` gives it, from its stored form."""
+    if stored.get("format") != _PACKED:
+        return dict(stored)
+    out = {k: v for k, v in stored.items() if k not in ("format", "rule_fields", "feature_fields")}
+    out["rules"] = [dict(zip(stored["rule_fields"], row, strict=True)) for row in stored["rules"]]
+    out["features"] = [dict(zip(stored["feature_fields"], row, strict=True)) for row in stored["features"]]
+    return out
+
+
 def score_row(
     pipeline: LoadedPipeline,
     score: Score,
@@ -193,7 +229,7 @@ def score_row(
         "engagement": score.engagement,
         "probability": score.probability,
         "grade": score.grade,
-        "explanation": score.explanation.to_dict(),
+        "explanation": pack_explanation(score.explanation),
     }
 
 

@@ -108,6 +108,8 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
     except LeadscoreError as exc:
         status = exc.status
         await _respond(send, status, {"error": type(exc).__name__, "detail": exc.detail}, exc.response_headers())
+    except ClientDisconnected:
+        status = 499  # nginx's code for it: nobody is left to answer, and nothing was stored
     except Exception:
         log.exception("webhook request failed")
         await _respond(send, 500, {"error": "InternalError", "detail": "the request failed; it was not stored"})

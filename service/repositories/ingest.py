@@ -253,6 +253,7 @@ async def lock_leads(
 _PG = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
+@functools.cache
 def _pg_type(column: sa.Column[Any]) -> tuple[str, str | None]:
     """The PostgreSQL array element type a column is sent as, and for JSON (sent as text) the type
     to cast each element to."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,9 +14,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
+from scoring.profile import Activity, LeadProfile
 from service.app import create_app
 from service.db import create_engine
-from service.pipelines import InvalidPipeline, assign_slot, rescore_leads
+from service.pipelines import InvalidPipeline, assign_slot, pack_explanation, rescore_leads, unpack_explanation
 from service.repositories import pipelines as repo
 from service.settings import Settings
 from tests.conftest import Db, Sender, lead_event
@@ -145,6 +147,18 @@ async def test_lead_read_has_score_explanation_and_history(
     assert len(lead["score_history"]) == 2
     assert lead["score_history"][0]["explanation"] is None
     assert lead["shadow_score"] is None
+
+
+def test_stored_explanation_reads_back_as_the_scoring_core_gives_it(trained: Any) -> None:
+    now = dt.datetime.now(dt.UTC)
+    profile = LeadProfile(
+        traits=GOOD,
+        activities=tuple(Activity("Page Viewed", now - dt.timedelta(hours=h), {"url": "/pricing"}) for h in range(5)),
+    )
+    explanation = trained.compiled.score(profile, now=now).explanation
+    stored = json.loads(json.dumps(pack_explanation(explanation)))  # as it comes back from the database
+    assert unpack_explanation(stored) == json.loads(json.dumps(explanation.to_dict()))
+    assert len(json.dumps(stored)) < 0.7 * len(json.dumps(explanation.to_dict()))
 
 
 async def test_score_preview_persists_nothing(

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from standardwebhooks import Webhook
 
 from service.db import create_engine
@@ -217,3 +218,22 @@ async def test_too_many_events_is_422(client: httpx.AsyncClient, sender: Sender,
     response = await sender.post(client, events)
     assert response.status_code == 422
     assert "at most" in response.json()["detail"][0]["msg"]
+
+
+async def test_sender_gone_mid_body_stores_nothing(app: FastAPI, sender: Sender, db: Db) -> None:
+    from service.api.webhooks import receive_webhook
+
+    sent: list[dict[str, Any]] = []
+    messages = iter([{"type": "http.request", "body": BODY[:10], "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(k.encode(), v.encode()) for k, v in sender.headers(BODY).items()]
+    scope = {"type": "http", "method": "POST", "path": "/v1/webhooks/demo", "headers": headers}
+    await receive_webhook(app.state.services, scope, receive, send)
+    assert sent == []
+    assert await db.counts() == EMPTY
