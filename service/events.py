@@ -126,20 +126,25 @@ class EventRead(BaseModel):
     payload: dict[str, Any]
 
 
-class ScoreRead(BaseModel):
+class ScoreValues(BaseModel):
+    """What a pipeline version says of a lead."""
+
+    pipeline_version: int
+    score: float = Field(description="0-100.")
+    fit: float = Field(description="Fit rule points, after the group's cap.")
+    engagement: float = Field(description="Engagement rule points, after the group's cap.")
+    probability: float = Field(description="Calibrated probability of conversion.")
+    grade: str = Field(description="Fit letter A-D and engagement digit 1-4; A1 is best.")
+    inputs_digest: str = Field(description="sha256 of the resolved inputs: equal digests, equal inputs.")
+
+
+class ScoreRead(ScoreValues):
     """One score of a lead, with its explanation."""
 
     id: uuid.UUID
-    pipeline_version: int
     shadow: bool
     event_id: uuid.UUID | None
     scored_at: dt.datetime
-    score: float
-    fit: float
-    engagement: float
-    probability: float
-    grade: str
-    inputs_digest: str
     explanation: dict[str, Any] | None = Field(
         default=None, description="Rules that fired and each model feature's contribution (log-odds)."
     )
@@ -182,15 +187,10 @@ class ScorePreviewRequest(BaseModel):
     as_of: AwareDatetime | None = Field(default=None, description="The scoring time; default now.")
 
 
-class ScorePreview(BaseModel):
-    pipeline_version: int
+class ScorePreview(ScoreValues):
+    """A score computed for a preview; nothing was stored."""
+
     as_of: dt.datetime
-    score: float
-    fit: float
-    engagement: float
-    probability: float
-    grade: str
-    inputs_digest: str
     explanation: dict[str, Any]
 
 
