@@ -47,6 +47,7 @@ __all__ = [
     "Columns",
     "FeatureResolver",
     "FeatureValue",
+    "Occurrence",
     "coerce_boolean",
     "coerce_category",
     "coerce_number",
@@ -54,6 +55,8 @@ __all__ = [
     "model_matrix",
     "model_token",
     "TimedActivity",
+    "index_activities",
+    "index_timed",
     "timed_activities",
 ]
 
@@ -68,6 +71,13 @@ MISSING_TOKEN = "__missing__"
 _TRUE = frozenset({"yes", "true", "y", "t", "1"})
 _FALSE = frozenset({"no", "false", "n", "f", "0"})
 _SECONDS_PER_DAY = 86_400.0
+_NO_MISSING: frozenset[str] = frozenset({""})
+
+# One matching activity as the per-lead evaluation reads it: (sort key, age in days at ``now``
+# clamped at 0, UTC day number, properties). Groups of them are kept most recent first.
+Occurrence = tuple[float, float, int, Mapping[str, Any]]
+ActivityGroups = dict[str, list[Occurrence]]
+_SORT_KEY = operator.itemgetter(0)
 
 
 def coerce_number(raw: Any, missing: frozenset[str]) -> float | None:
@@ -217,6 +227,20 @@ def _clip(value: float, lo: float | None, hi: float | None) -> float:
     return value
 
 
+_COUNT, _SUM, _DAYS_SINCE = 0, 1, 2
+
+
+def _aggregate_step(
+    plan: _AggregatePlan,
+) -> tuple[str, int, str | None, float | None, str | None, float | None, float | None]:
+    source = plan.source
+    if isinstance(source, ActivityCountSource):
+        return plan.name, _COUNT, source.activity, source.days, None, plan.lo, plan.hi
+    if isinstance(source, ActivitySumSource):
+        return plan.name, _SUM, source.activity, source.days, source.property, plan.lo, plan.hi
+    return plan.name, _DAYS_SINCE, source.activity, None, None, plan.lo, plan.hi
+
+
 class FeatureResolver:
     """Resolves the features named in ``names`` (all of the spec's features by default)."""
 
@@ -243,6 +267,16 @@ class FeatureResolver:
         self._steps: list[tuple[str, str, Callable[[Any], FeatureValue], dict[str, Any]]] = [
             (plan.name, plan.trait, _resolver_for(plan), {}) for plan in self.traits
         ]
+        self._aggregate_steps = tuple(_aggregate_step(plan) for plan in self.aggregates)
+        #: Activity names the aggregates read (a ``days_since_last_activity`` without an activity
+        #: reads every activity through ``last_age`` instead).
+        self.activity_names: frozenset[str] = frozenset(
+            plan.source.activity for plan in self.aggregates if plan.source.activity is not None
+        )
+        # The aggregates of a lead without activities are constants: start traits-only leads from
+        # them instead of aggregating nothing per lead.
+        self._idle_template = self._template.copy()
+        self.aggregate({}, None, self._idle_template)
 
     # ------------------------------------------------------------------------------- per lead
 
@@ -252,9 +286,27 @@ class FeatureResolver:
         Keys are in sorted order; aggregate features are present as None until
         :meth:`resolve_aggregates` fills them.
         """
+        return self._resolve(traits, self._template)
+
+    def resolve_profile(
+        self, traits: Mapping[str, Any], groups: ActivityGroups | None, last_age: float | None
+    ) -> dict[str, FeatureValue]:
+        """Resolve every feature of one lead: traits, and aggregates over ``groups`` / ``last_age``
+        (from :func:`index_activities`; ``groups=None`` for a lead without activities).
+
+        Same values as :meth:`resolve_traits` then :meth:`resolve_aggregates`, keys in sorted order.
+        """
+        if groups is None:
+            return self._resolve(traits, self._idle_template)
+        out = self._resolve(traits, self._template)
+        if self._aggregate_steps:
+            self.aggregate(groups, last_age, out)
+        return out
+
+    def _resolve(self, traits: Mapping[str, Any], template: dict[str, FeatureValue]) -> dict[str, FeatureValue]:
         # Start from every feature name in sorted order: filling existing keys keeps that order, so
         # the dict serialises canonically (sorted keys) without a sort per lead.
-        out: dict[str, FeatureValue] = self._template.copy()
+        out: dict[str, FeatureValue] = template.copy()
         get = traits.get
         for name, trait, resolve, memo in self._steps:
             raw = get(trait)
@@ -277,29 +329,45 @@ class FeatureResolver:
         ``timed``: from :func:`timed_activities` (sorted, ages clamped at 0). Sums use ``math.fsum``
         so the result never depends on order.
         """
-        for plan in self.aggregates:
-            source = plan.source
+        groups, last_age = index_timed(timed, self.activity_names)
+        self.aggregate(groups, last_age, out)
+
+    def aggregate(self, groups: ActivityGroups, last_age: float | None, out: dict[str, FeatureValue]) -> None:
+        """Add activity aggregates to ``out`` from :func:`index_activities` output (see
+        :meth:`resolve_aggregates`)."""
+        for name, kind, activity, days, prop, lo, hi in self._aggregate_steps:
+            group = groups.get(activity) if activity is not None else None
             value: float | None
-            if isinstance(source, ActivityCountSource):
-                days = source.days
-                value = float(
-                    sum(1 for a, age, _ in timed if a.name == source.activity and (days is None or age <= days))
-                )
-            elif isinstance(source, ActivitySumSource):
-                days = source.days
+            if kind == _COUNT:
+                if not group:
+                    count = 0
+                elif days is None:
+                    count = len(group)
+                else:
+                    count = 0
+                    # Most recent first, so ages only grow: stop at the first one outside the window.
+                    for _, age, _, _ in group:
+                        if age > days:
+                            break
+                        count += 1
+                value = float(count)
+            elif kind == _SUM:
+                assert prop is not None  # set for every sum
                 parts = []
-                for a, age, _ in timed:
-                    if a.name == source.activity and (days is None or age <= days):
-                        part = coerce_number(a.properties.get(source.property), frozenset({""}))
-                        if part is not None:
-                            parts.append(part)
+                for _, age, _, props in group or ():
+                    if days is not None and age > days:
+                        break
+                    part = coerce_number(props.get(prop), _NO_MISSING)
+                    if part is not None:
+                        parts.append(part)
                 value = math.fsum(parts)
+            elif activity is None:
+                value = last_age
             else:
-                ages = [age for a, age, _ in timed if source.activity is None or a.name == source.activity]
-                value = min(ages) if ages else None
-            if value is not None and (plan.lo is not None or plan.hi is not None):
-                value = _clip(value, plan.lo, plan.hi)
-            out[plan.name] = value
+                value = group[0][1] if group else None
+            if value is not None and (lo is not None or hi is not None):
+                value = _clip(value, lo, hi)
+            out[name] = value
 
     # ------------------------------------------------------------------------------ per column
 
@@ -412,6 +480,63 @@ def timed_activities(activities: Sequence[Activity], now: datetime) -> list[Time
 
 def _occurred_at(activity: Activity) -> datetime:
     return activity.occurred_at
+
+
+def index_activities(
+    activities: Iterable[Activity], now_ts: float, names: frozenset[str]
+) -> tuple[ActivityGroups, float | None]:
+    """``(groups, last_age)`` for one lead at ``now_ts`` (``now.timestamp()``).
+
+    ``groups``: the activities named in ``names``, by name, as :data:`Occurrence` tuples most
+    recent first; ages and UTC days are those of :func:`timed_activities`. ``last_age``: age of the
+    most recent activity of any name (None without activities). Each ``occurred_at`` is converted
+    to a timestamp once, and only the (small) groups are sorted, by that float: both orders give
+    the same results, since everything computed from an occurrence depends on its timestamp alone.
+    """
+    groups: ActivityGroups = {}
+    latest = -math.inf
+    for activity in activities:
+        ts = activity.occurred_at.timestamp()
+        if ts > latest:
+            latest = ts
+        name = activity.name
+        if name in names:
+            age = (now_ts - ts) / _SECONDS_PER_DAY
+            entry = (ts, age if age > 0.0 else 0.0, math.floor(ts / _SECONDS_PER_DAY), activity.properties)
+            group = groups.get(name)
+            if group is None:
+                groups[name] = [entry]
+            else:
+                group.append(entry)
+    if latest == -math.inf:
+        return groups, None
+    for group in groups.values():
+        if len(group) > 1:
+            group.sort(key=_SORT_KEY, reverse=True)
+    # Ages fall as timestamps rise (float subtraction and division are monotonic), so the most
+    # recent activity has the smallest age: min(ages) without computing every age.
+    age = (now_ts - latest) / _SECONDS_PER_DAY
+    return groups, age if age > 0.0 else 0.0
+
+
+def index_timed(timed: Iterable[TimedActivity], names: frozenset[str]) -> tuple[ActivityGroups, float | None]:
+    """:func:`index_activities` for activities already timed by :func:`timed_activities`."""
+    groups: ActivityGroups = {}
+    last_age: float | None = None
+    for activity, age, day in timed:
+        if last_age is None or age < last_age:
+            last_age = age
+        if activity.name in names:
+            # (age, -day) orders like "most recent first": ages are clamped at 0 for activities
+            # dated after now, and the day then tells them apart (daily caps need days in order).
+            groups.setdefault(activity.name, []).append((age, age, day, activity.properties))
+    for name, group in groups.items():
+        groups[name] = sorted(group, key=_age_then_latest_day)
+    return groups, last_age
+
+
+def _age_then_latest_day(entry: Occurrence) -> tuple[float, int]:
+    return entry[1], -entry[2]
 
 
 def model_matrix(spec: PipelineSpec, rows: Sequence[Mapping[str, Any]]) -> npt.NDArray[Any]:

@@ -25,18 +25,21 @@ log-odds) -- the top three rules up/down (by awarded points) and the top three f
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from sklearn import __version__ as SKLEARN_VERSION
 
 from scoring.errors import ArtifactIncompatible, ModelNotCompilable
-from scoring.features import FeatureResolver, FeatureValue, feature_definitions, timed_activities
+from scoring.features import ActivityGroups, FeatureResolver, FeatureValue, feature_definitions, index_activities
 from scoring.profile import LeadProfile, require_aware
 from scoring.rules import RuleHit, RuleSet, clamp_columns
 from scoring.scorecard import ARTIFACT_FORMAT, Scorecard
@@ -241,6 +244,8 @@ class CompiledPipeline:
         self._combine: CombineSpec = spec.combine
         self._total_cap: Cap = spec.rules.total_cap
         self._contribution_scale = "calibrated" if self.scorecard.calibrated_contributions else "uncalibrated"
+        self._activity_names = self.resolver.activity_names | self.rules.activity_names
+        self._digest = _DigestWriter(self.resolver.types, self.rules.activity_rule_ids)
 
     # ------------------------------------------------------------------------------- per lead
 
@@ -251,47 +256,60 @@ class CompiledPipeline:
         ``now``. Unknown traits are ignored; missing or unparseable ones count as missing.
         """
         require_aware(now, "now")
-        resolver, card = self.resolver, self.scorecard
-        values = resolver.resolve_traits(profile.traits)
-        timed = timed_activities(profile.activities, now) if profile.activities else ()
-        if resolver.has_aggregates:
-            resolver.resolve_aggregates(timed, values)
-        evaluation = self.rules.evaluate(values, timed)
+        card = self.scorecard
+        groups: ActivityGroups | None = None
+        last_age: float | None = None
+        if profile.activities:
+            groups, last_age = index_activities(profile.activities, now.timestamp(), self._activity_names)
+        values = self.resolver.resolve_profile(profile.traits, groups, last_age)
+        fit, engagement, hits, activity_totals = self.rules.evaluate_indexed(values, groups)
 
-        raw_terms = card.contributions(values)
-        decision = card.decision(raw_terms)
+        decision, contributions, log_odds = card.explain(values)
         probability = card.probability(decision)
-        slope = card.slope
-        log_odds = card.baseline
-        features_list = []
-        for name, term in zip(card.feature_names, raw_terms, strict=True):
-            contribution = term * slope
-            log_odds += contribution
-            features_list.append(_new_contribution((name, values[name], contribution)))
-        features = tuple(features_list)
+        names = card.feature_names
+        # tuple.__new__ straight from C: the NamedTuple's generated __new__ is Python code, and a
+        # score builds one contribution per model feature.
+        features: tuple[FeatureContribution, ...] = tuple(
+            map(
+                tuple.__new__,
+                itertools.repeat(FeatureContribution),
+                zip(names, map(values.__getitem__, names), contributions, strict=True),
+            )
+        )
 
         combine = self._combine
-        fit, engagement = evaluation.fit, evaluation.engagement
         rule_part = combine.fit_weight * fit + combine.engagement_weight * engagement
         capped_part = _clamp(rule_part, self._total_cap)
         raw_value = combine.model_weight * 100.0 * probability + capped_part + combine.offset
         value = _round2(min(100.0, max(0.0, raw_value)))
 
-        digest = inputs_digest(values, evaluation.activity_totals)
+        digest = self._digest.digest(values, activity_totals)
 
-        explanation = Explanation(
-            rules=evaluation.hits,
+        # Built without the frozen dataclasses' __init__ (one object.__setattr__ per field): same
+        # objects, equal and immutable as ever, for half the cost.
+        explanation = _build(
+            Explanation,
+            rules=hits,
             features=features,
             baseline_log_odds=card.baseline,
             log_odds=log_odds,
             contribution_scale=self._contribution_scale,
             total_cap_cut=rule_part - capped_part,
-            top_rules_up=_top(evaluation.hits, up=True),
-            top_rules_down=_top(evaluation.hits, up=False),
+            top_rules_up=_top(hits, up=True),
+            top_rules_down=_top(hits, up=False),
             top_features_up=_top_features(features, up=True),
             top_features_down=_top_features(features, up=False),
         )
-        return Score(value, fit, engagement, probability, self._grade(fit, engagement), digest, explanation)
+        return _build(
+            Score,
+            value=value,
+            fit=fit,
+            engagement=engagement,
+            probability=probability,
+            grade=self._grade(fit, engagement),
+            inputs_digest=digest,
+            explanation=explanation,
+        )
 
     def _grade(self, fit: float, engagement: float) -> str:
         a, b, c = self._combine.grades.fit
@@ -363,10 +381,66 @@ def inputs_digest(values: Mapping[str, FeatureValue], activity_totals: Mapping[s
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _new_contribution(fields: tuple[str, FeatureValue, float]) -> FeatureContribution:
-    # tuple.__new__ directly: the NamedTuple's generated __new__ is Python code, and a score builds
-    # one contribution per model feature.
-    return tuple.__new__(FeatureContribution, fields)
+class _DigestWriter:
+    """:func:`inputs_digest` for the values this pipeline's resolver makes: the same bytes, faster.
+
+    The json encoder spends most of its time in per-call set-up and float repr. Here each
+    feature's ``"name":value`` fragment is memoised for the values that repeat across leads
+    (categories, booleans, missing, and numbers such as visit counts), so a feature costs a dict
+    lookup; other numbers go through ``float.__repr__``, as in the json encoder. Relies on what the
+    resolver guarantees: keys in sorted order, and per feature one value class (float, bool or str)
+    or None -- so 1.0 and True, equal as dict keys, never meet in one memo.
+    """
+
+    def __init__(self, types: Mapping[str, str], activity_rule_ids: Sequence[str]) -> None:
+        self._prefix = {name: _CANONICAL.encode(name) + ":" for name in types}
+        self._memo: dict[str, dict[FeatureValue, str]] = {name: {} for name in types}
+        self._class: dict[str, type] = {
+            name: float if kind == "number" else bool if kind == "boolean" else str for name, kind in types.items()
+        }
+        self._rule_prefix = {rule_id: _CANONICAL.encode(rule_id) + ":[" for rule_id in activity_rule_ids}
+
+    def digest(self, values: Mapping[str, FeatureValue], activity_totals: Mapping[str, tuple[int, float]]) -> str:
+        """``inputs_digest(values, activity_totals)``."""
+        memo = self._memo
+        try:
+            totals = [self._total(rule_id, activity_totals[rule_id]) for rule_id in sorted(activity_totals)]
+            features = [memo[name].get(value) or self._fragment(name, value) for name, value in values.items()]
+        except _Unexpected:
+            return inputs_digest(values, activity_totals)
+        text = '{"activity_rules":{' + ",".join(totals) + '},"features":{' + ",".join(features) + "}}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _total(self, rule_id: str, total: tuple[int, float]) -> str:
+        count, points = total
+        prefix = self._rule_prefix.get(rule_id)
+        if prefix is None or count.__class__ is not int or points.__class__ is not float or not math.isfinite(points):
+            raise _Unexpected
+        return prefix + int.__repr__(count) + "," + float.__repr__(points) + "]"
+
+    def _fragment(self, name: str, value: FeatureValue) -> str:
+        if name not in self._prefix or (value is not None and value.__class__ is not self._class[name]):
+            raise _Unexpected
+        memo = self._memo[name]
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise _Unexpected  # the json encoder raises for it
+            text = self._prefix[name] + float.__repr__(value)
+            # 0.0 and -0.0 are one dict key but two JSON texts: zeros are never memoised.
+            if value and len(memo) < _DIGEST_MEMO_LIMIT:
+                memo[value] = text
+            return text
+        text = self._prefix[name] + _CANONICAL.encode(value)
+        if len(memo) < _DIGEST_MEMO_LIMIT:
+            memo[value] = text
+        return text
+
+
+class _Unexpected(Exception):
+    """A value :class:`_DigestWriter` does not handle: use the generic :func:`inputs_digest`."""
+
+
+_DIGEST_MEMO_LIMIT = 2048
 
 
 def _clamp(value: float, cap: Cap) -> float:
@@ -383,17 +457,40 @@ def _round2(value: float) -> float:
     return round(value * 100.0) / 100.0
 
 
+_T = TypeVar("_T", Score, Explanation)
+
+
+def _build(cls: type[_T], **fields: Any) -> _T:
+    # Every field by keyword, so a field added to the class and forgotten here fails the tests
+    # (equality and to_dict) instead of going unnoticed.
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
+
+
+# Sort keys in C. Sorting by x with reverse=True keeps ties in their original order, exactly like
+# sorting by -x: Python's sort stays stable when reversed.
+_AWARDED = operator.itemgetter(4)
+_CONTRIBUTION = operator.itemgetter(2)
+
+
 def _top(hits: Sequence[RuleHit], *, up: bool) -> tuple[RuleHit, ...]:
-    chosen = [h for h in hits if (h.awarded > 0.0 if up else h.awarded < 0.0)]
-    chosen.sort(key=lambda h: -h.awarded if up else h.awarded)
+    if up:
+        chosen = [h for h in hits if h[4] > 0.0]
+        chosen.sort(key=_AWARDED, reverse=True)
+    else:
+        chosen = [h for h in hits if h[4] < 0.0]
+        chosen.sort(key=_AWARDED)
     return tuple(chosen[:3])
 
 
 def _top_features(features: Sequence[FeatureContribution], *, up: bool) -> tuple[FeatureContribution, ...]:
     if up:
-        ranked = sorted((f for f in features if f.contribution > 0.0), key=lambda f: -f.contribution)
+        ranked = [f for f in features if f[2] > 0.0]
+        ranked.sort(key=_CONTRIBUTION, reverse=True)
     else:
-        ranked = sorted((f for f in features if f.contribution < 0.0), key=lambda f: f.contribution)
+        ranked = [f for f in features if f[2] < 0.0]
+        ranked.sort(key=_CONTRIBUTION)
     return tuple(ranked[:3])
 
 

@@ -26,12 +26,15 @@ import numpy as np
 import numpy.typing as npt
 
 from scoring.features import (
+    ActivityGroups,
     Columns,
     FeatureValue,
+    Occurrence,
     TimedActivity,
     coerce_boolean,
     coerce_category,
     coerce_number,
+    index_timed,
 )
 from scoring.spec import (
     AllOf,
@@ -110,12 +113,31 @@ def compile_condition(condition: Leaf | AllOf | AnyOf, types: Mapping[str, str])
     checked that each leaf's operator and value suit its feature's type.
     """
     if isinstance(condition, AllOf):
-        children = tuple(compile_condition(c, types) for c in condition.all)
-        return lambda values: all(child(values) for child in children)
+        return _all_of(tuple(compile_condition(c, types) for c in condition.all))
     if isinstance(condition, AnyOf):
-        children = tuple(compile_condition(c, types) for c in condition.any)
-        return lambda values: any(child(values) for child in children)
+        return _any_of(tuple(compile_condition(c, types) for c in condition.any))
     return _compile_leaf(condition, types[condition.field])
+
+
+# all()/any() over a generator cost a generator frame per call; these loops short-circuit the same.
+def _all_of(children: tuple[Predicate, ...]) -> Predicate:
+    def all_of(values: Mapping[str, Any]) -> bool:
+        for child in children:  # noqa: SIM110
+            if not child(values):
+                return False
+        return True
+
+    return all_of
+
+
+def _any_of(children: tuple[Predicate, ...]) -> Predicate:
+    def any_of(values: Mapping[str, Any]) -> bool:
+        for child in children:  # noqa: SIM110
+            if child(values):
+                return True
+        return False
+
+    return any_of
 
 
 def _literal(value: Any, kind: str) -> Any:
@@ -146,13 +168,16 @@ def _compile_leaf(leaf: Leaf, kind: str) -> Predicate:
             return value is not None and literal in value
 
         return contains
-    compare = _COMPARATORS[op]
-
-    def ordered(values: Mapping[str, Any]) -> bool:
-        value = values.get(name)
-        return value is not None and compare(value, literal)
-
-    return ordered
+    # One closure per operator rather than a shared one calling a comparator: a call less per rule.
+    if op == "gt":
+        return lambda values: (value := values.get(name)) is not None and value > literal
+    if op == "gte":
+        return lambda values: (value := values.get(name)) is not None and value >= literal
+    if op == "lt":
+        return lambda values: (value := values.get(name)) is not None and value < literal
+    if op == "lte":
+        return lambda values: (value := values.get(name)) is not None and value <= literal
+    raise ValueError(f"unknown operator {op!r}")
 
 
 _COMPARATORS: dict[str, Callable[[float, float], bool]] = {
@@ -171,11 +196,9 @@ def compile_property_condition(condition: Leaf | AllOf | AnyOf) -> Predicate:
     property holding the literal. A property that cannot be coerced matches like a missing one.
     """
     if isinstance(condition, AllOf):
-        children = tuple(compile_property_condition(c) for c in condition.all)
-        return lambda props: all(child(props) for child in children)
+        return _all_of(tuple(compile_property_condition(c) for c in condition.all))
     if isinstance(condition, AnyOf):
-        children = tuple(compile_property_condition(c) for c in condition.any)
-        return lambda props: any(child(props) for child in children)
+        return _any_of(tuple(compile_property_condition(c) for c in condition.any))
     name, op, value = condition.field, condition.op, condition.value
     if op == "exists":
         wanted = value is not False
@@ -190,6 +213,10 @@ def compile_property_condition(condition: Leaf | AllOf | AnyOf) -> Predicate:
 
         def contains(props: Mapping[str, Any]) -> bool:
             raw = props.get(name)
+            if raw.__class__ is str:
+                # The usual case (a URL, a title), inlined: coerce_category strips, "" is missing.
+                stripped: str = raw.strip()
+                return stripped != "" and value in stripped
             if isinstance(raw, list | tuple | set | frozenset):
                 return value in raw
             text = coerce_category(raw, _NO_MISSING)
@@ -302,8 +329,8 @@ class _CompiledRule:
     column_predicate: ColumnPredicate
 
 
-@dataclass(frozen=True)
-class _CompiledActivityRule:
+class _CompiledActivityRule(NamedTuple):
+    # A NamedTuple: the per-lead loop unpacks it in one step.
     rule_id: str
     activity: str
     points: float
@@ -353,6 +380,17 @@ class RuleSet:
         for activity_rule in self.activity_rules:
             by_activity.setdefault(activity_rule.activity, []).append(activity_rule)
         self._by_activity = {name: tuple(rules) for name, rules in by_activity.items()}
+        self.activity_rule_ids: tuple[str, ...] = tuple(rule.rule_id for rule in self.activity_rules)
+        #: Activity names the activity rules read.
+        self.activity_names: frozenset[str] = frozenset(self._by_activity)
+        # Per group: (predicate, the hit it makes while the group cap does not bind). RuleHit is an
+        # immutable tuple, so one prebuilt hit per rule serves every lead.
+        self._condition_hits: dict[str, tuple[tuple[Predicate, RuleHit], ...]] = {
+            group: tuple(
+                (rule.predicate, RuleHit(rule.rule_id, group, "condition", rule.points, rule.points)) for rule in rules
+            )
+            for group, rules in self.condition_rules.items()
+        }
         self.rule_ids: tuple[str, ...] = tuple(
             rule.rule_id for group in ("fit", "engagement") for rule in self.condition_rules[group]
         )
@@ -372,81 +410,56 @@ class RuleSet:
         ``values``: resolved features. ``timed``: from ``scoring.features.timed_activities``.
         Returns capped group totals and the hits.
         """
-        hits: list[RuleHit] = []
-        totals: dict[str, float] = {}
-        activity_totals: dict[str, tuple[int, float]] = {}
-        for group in ("fit", "engagement"):
-            group_hits: list[tuple[str, str, float, bool, int]] = []
-            for rule in self.condition_rules[group]:
-                if rule.predicate(values):
-                    group_hits.append((rule.rule_id, "condition", rule.points, False, 1))
-            if group == "engagement" and timed and self.activity_rules:
-                for rule_id, count, points, daily_capped in self._evaluate_activities(timed):
-                    activity_totals[rule_id] = (count, points)
-                    group_hits.append((rule_id, "activity", points, daily_capped, count))
-            totals[group] = self._cap_group(group, group_hits, hits)
-        return RuleEvaluation(totals["fit"], totals["engagement"], tuple(hits), activity_totals)
+        groups = index_timed(timed, self.activity_names)[0] if timed else None
+        return RuleEvaluation(*self.evaluate_indexed(values, groups))
 
-    def _cap_group(self, group: str, group_hits: list[tuple[str, str, float, bool, int]], hits: list[RuleHit]) -> float:
+    def evaluate_indexed(
+        self, values: Mapping[str, FeatureValue], groups: ActivityGroups | None
+    ) -> tuple[float, float, tuple[RuleHit, ...], dict[str, tuple[int, float]]]:
+        """:meth:`evaluate` over activities grouped by ``scoring.features.index_activities``
+        (``None`` without activities), as a plain ``(fit, engagement, hits, activity_totals)``."""
+        hits: list[RuleHit] = []
+        activity_totals: dict[str, tuple[int, float]] = {}
+        fit = self._cap_group("fit", [hit for predicate, hit in self._condition_hits["fit"] if predicate(values)], hits)
+        group_hits = [hit for predicate, hit in self._condition_hits["engagement"] if predicate(values)]
+        if groups:
+            for rule in self.activity_rules:
+                occurrences = groups.get(rule.activity)
+                if not occurrences:
+                    continue
+                count, points, daily_capped = _activity_total(rule, occurrences)
+                if count:
+                    activity_totals[rule.rule_id] = (count, points)
+                    group_hits.append(
+                        tuple.__new__(
+                            RuleHit,
+                            (rule.rule_id, "engagement", "activity", points, points, False, daily_capped, count),
+                        )
+                    )
+        engagement = self._cap_group("engagement", group_hits, hits)
+        return fit, engagement, tuple(hits), activity_totals
+
+    def _cap_group(self, group: str, group_hits: list[RuleHit], hits: list[RuleHit]) -> float:
+        # group_hits hold points == awarded, uncapped; they are kept as they are unless the cap binds.
+        all_points = [hit[3] for hit in group_hits]
         raw = 0.0
-        for _, _, points, _, _ in group_hits:
+        for points in all_points:
             raw += points
         capped_total = _clamp(raw, self.caps[group])
-        factor, side = 1.0, 0
-        if capped_total != raw:
-            positive = math.fsum(p for _, _, p, _, _ in group_hits if p > 0)
-            negative = math.fsum(p for _, _, p, _, _ in group_hits if p < 0)
-            if raw > capped_total:  # max bound: scale the positive rules down
-                side, factor = 1, (capped_total - negative) / positive
-            else:  # min bound: scale the negative rules down
-                side, factor = -1, (capped_total - positive) / negative
-        for rule_id, kind, points, daily_capped, count in group_hits:
-            cut = side != 0 and (points > 0 if side > 0 else points < 0)
-            hits.append(
-                RuleHit(rule_id, group, kind, points, points * factor if cut else points, cut, daily_capped, count)
-            )
+        if capped_total == raw:
+            hits.extend(group_hits)
+            return capped_total
+        positive = math.fsum([p for p in all_points if p > 0])
+        negative = math.fsum([p for p in all_points if p < 0])
+        # max bound: scale the positive rules down; min bound: the negative ones.
+        upper = raw > capped_total
+        factor = (capped_total - negative) / positive if upper else (capped_total - positive) / negative
+        new = tuple.__new__
+        for hit, points in zip(group_hits, all_points, strict=True):
+            if points > 0 if upper else points < 0:
+                hit = new(RuleHit, (hit[0], group, hit[2], points, points * factor, True, hit[6], hit[7]))
+            hits.append(hit)
         return capped_total
-
-    def _evaluate_activities(self, timed: Sequence[TimedActivity]) -> list[tuple[str, int, float, bool]]:
-        matched: dict[str, list[TimedActivity]] = {}
-        by_activity = self._by_activity
-        for entry in timed:
-            rules = by_activity.get(entry.activity.name)
-            if not rules:
-                continue
-            for rule in rules:
-                if rule.window_days is not None and entry.age_days > rule.window_days:
-                    continue
-                if rule.where is not None and not rule.where(entry.activity.properties):
-                    continue
-                matched.setdefault(rule.rule_id, []).append(entry)
-        out = []
-        for rule in self.activity_rules:
-            occurrences = matched.get(rule.rule_id)
-            if not occurrences:
-                continue
-            parts: list[float] = []
-            daily_capped = False
-            half_life = rule.half_life_days
-            if rule.daily_cap is None:
-                if half_life is None:
-                    parts = [rule.points] * len(occurrences)
-                else:
-                    parts = [rule.points * 0.5 ** (age / half_life) for _, age, _ in occurrences]
-            else:
-                budget: dict[int, float] = {}
-                size, cap = abs(rule.points), rule.daily_cap
-                # Most recent first: within a day they decay least, so the cap keeps the freshest.
-                for _, age, day in reversed(occurrences):
-                    left = budget.get(day, cap)
-                    take = size if size <= left else left
-                    if take < size:
-                        daily_capped = True
-                    budget[day] = left - take
-                    if take > 0.0:
-                        parts.append(math.copysign(take, rule.points) * _decay(age, half_life))
-            out.append((rule.rule_id, len(occurrences), math.fsum(parts), daily_capped))
-        return out
 
     # ------------------------------------------------------------------------------ per column
 
@@ -477,11 +490,42 @@ class RuleSet:
 _UFUNCS = {"gt": np.greater, "gte": np.greater_equal, "lt": np.less, "lte": np.less_equal}
 
 
-def _decay(age_days: float, half_life_days: float | None) -> float:
-    if half_life_days is None:
-        return 1.0
-    factor: float = 0.5 ** (age_days / half_life_days)
-    return factor
+def _activity_total(rule: _CompiledActivityRule, occurrences: list[Occurrence]) -> tuple[int, float, bool]:
+    """``(matching occurrences, points, daily cap cut)`` of one activity rule; ``occurrences``
+    most recent first (so ages only grow and each UTC day's occurrences are consecutive)."""
+    _, _, points, where, daily_cap, half_life, window = rule
+    count = 0
+    parts: list[float] = []
+    if daily_cap is None:
+        for _, age, _, props in occurrences:
+            if window is not None and age > window:
+                break
+            if where is not None and not where(props):
+                continue
+            count += 1
+            parts.append(points if half_life is None else points * 0.5 ** (age / half_life))
+        return count, math.fsum(parts), False
+    size, cap = abs(points), daily_cap
+    daily_capped = False
+    day_now, left = None, cap
+    for _, age, day, props in occurrences:
+        if window is not None and age > window:
+            break
+        if where is not None and not where(props):
+            continue
+        count += 1
+        # A fresh budget per UTC day, spent most recent first: within a day they decay least, so
+        # the cap keeps the freshest.
+        if day != day_now:
+            day_now, left = day, cap
+        take = size if size <= left else left
+        if take < size:
+            daily_capped = True
+        left = left - take
+        if take > 0.0:
+            signed = math.copysign(take, points)
+            parts.append(signed if half_life is None else signed * 0.5 ** (age / half_life))
+    return count, math.fsum(parts), daily_capped
 
 
 def _fields(spec: PipelineSpec) -> set[str]:

@@ -203,6 +203,12 @@ class Scorecard:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactIncompatible(f"malformed scorecard artifact: {exc!r}") from exc
         self.calibrated_contributions = self.method != "isotonic"
+        # The terms as flat tuples, table None for numbers: per lead a tuple unpack is cheaper
+        # than the dataclass attribute lookups.
+        self._lead_plan = tuple(
+            (None if t.is_number else t.table, t.unknown, t.name, t.center, t.scale, t.weight, t.offset, t.missing)
+            for t in self.terms
+        )
 
     # ------------------------------------------------------------------------------- per lead
 
@@ -222,6 +228,25 @@ class Scorecard:
             else:
                 out.append(term.table.get(value, term.unknown))
         return out
+
+    def explain(self, values: Mapping[str, FeatureValue]) -> tuple[float, list[float], float]:
+        """``(decision, contributions, log_odds)`` for one lead in one pass: :meth:`decision` of
+        :meth:`contributions`, each term times :attr:`slope`, and :attr:`baseline` plus those, all
+        summed in feature order exactly as the separate steps do."""
+        get, slope = values.get, self.slope
+        decision, log_odds = self.intercept, self.baseline
+        out = []
+        for table, unknown, name, center, scale, weight, offset, missing in self._lead_plan:
+            value = get(name)
+            if table is None:
+                term = missing if value is None else ((value - center) / scale) * weight + offset  # type: ignore[operator]
+            else:
+                term = table.get(value, unknown)
+            decision += term
+            contribution = term * slope
+            log_odds += contribution
+            out.append(contribution)
+        return decision, out, log_odds
 
     def decision(self, contributions: Sequence[float]) -> float:
         """Uncalibrated log-odds: intercept plus the terms, summed in feature order."""
