@@ -24,7 +24,14 @@ from service.errors import LeadscoreError
 from service.logging import configure_logging
 from service.repositories import keys as keys_repo
 from service.settings import Settings
-from service.sources import SourceError, add_source, list_all, retire_source_secrets, rotate_source
+from service.sources import (
+    SourceError,
+    add_source,
+    enable_source,
+    list_all,
+    retire_source_secrets,
+    rotate_source,
+)
 
 T = TypeVar("T")
 
@@ -147,6 +154,22 @@ def sources_retire(name: str) -> None:
     """Retire every secret of the source but the newest."""
     count = _with_engine(lambda e: retire_source_secrets(e, name=name, now=_now()))
     _print_json({"name": name, "retired": count})
+
+
+@sources.command("disable")
+@click.argument("name")
+def sources_disable(name: str) -> None:
+    """Stop accepting the source's requests (answered 404, nothing stored); its secrets are kept."""
+    _with_engine(lambda e: enable_source(e, name=name, enabled=False))
+    _print_json({"name": name, "enabled": False})
+
+
+@sources.command("enable")
+@click.argument("name")
+def sources_enable(name: str) -> None:
+    """Accept the source's requests again."""
+    _with_engine(lambda e: enable_source(e, name=name, enabled=True))
+    _print_json({"name": name, "enabled": True})
 
 
 @main.group()

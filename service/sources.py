@@ -84,6 +84,15 @@ async def retire_source_secrets(engine: AsyncEngine, *, name: str, now: dt.datet
         return await repo.retire_old_secrets(conn, source_id=row.id, now=now)
 
 
+async def enable_source(engine: AsyncEngine, *, name: str, enabled: bool) -> None:
+    """Turn a source on or off; a disabled source's requests are answered 404 and nothing is stored."""
+    async with engine.begin() as conn:
+        row = await repo.get_source(conn, name)
+        if row is None:
+            raise SourceError(f"no source named {name!r}")
+        await repo.set_enabled(conn, source_id=row.id, enabled=enabled)
+
+
 async def list_all(engine: AsyncEngine) -> list[SourceRow]:
     async with engine.connect() as conn:
         return await repo.list_sources(conn)

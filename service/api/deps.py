@@ -54,9 +54,4 @@ async def _viewer(principal: Annotated[Principal, Depends(_principal)]) -> Princ
     return require_role(principal, ("viewer", "ops"))
 
 
-async def _ops(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
-    return require_role(principal, ("ops",))
-
-
 Viewer = Annotated[Principal, Depends(_viewer)]
-OpsAdmin = Annotated[Principal, Depends(_ops)]

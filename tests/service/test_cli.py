@@ -63,6 +63,15 @@ def test_sources_add_list_rotate_retire(cli: CliRunner, db_url: str) -> None:
     assert live.secret == rotated["secret"]
 
 
+def test_sources_disable_and_enable(cli: CliRunner, db_url: str) -> None:
+    run(cli, "sources", "add", "mautic")
+    assert run(cli, "sources", "disable", "mautic") == {"name": "mautic", "enabled": False}
+    assert rows(db_url, "SELECT enabled FROM source WHERE name = 'mautic'") == [(False,)]
+    assert run(cli, "sources", "enable", "mautic") == {"name": "mautic", "enabled": True}
+    assert rows(db_url, "SELECT enabled FROM source WHERE name = 'mautic'") == [(True,)]
+    assert cli.invoke(main, ["sources", "disable", "nope"]).exit_code == 1
+
+
 def test_sources_errors_are_clear(cli: CliRunner) -> None:
     run(cli, "sources", "add", "a")
     again = cli.invoke(main, ["sources", "add", "a"])
