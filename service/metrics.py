@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,6 +32,56 @@ GROUP_COMMIT_EVENTS = Histogram(
     "leadscore_group_commit_events",
     "Events written per group-commit transaction.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+)
+
+
+# Names below are shared by qualification, delivery and the dashboards in deploy/: keep them stable.
+SCORE_DURATION = Histogram(
+    "leadscore_score_duration_seconds",
+    "Time to score one lead with the active pipeline (rules, model, explanation), per scored batch.",
+    buckets=(0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01),
+)
+STAGE_TRANSITIONS = Counter(
+    "leadscore_stage_transitions_total",
+    "Lifecycle stage transitions, by stage left and stage entered.",
+    ["from_stage", "to_stage"],
+)
+DELIVERIES = Counter(
+    "leadscore_deliveries_total",
+    "CRM delivery attempts, by destination and outcome (delivered, retry, dead_letter).",
+    ["destination", "outcome"],
+)
+DELIVERY_DURATION = Histogram(
+    "leadscore_delivery_duration_seconds",
+    "Duration of one CRM delivery attempt, by destination.",
+    ["destination"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+# Gauges set from the database when /metrics is scraped (or by the worker); "livemax" keeps the
+# value of the process that saw the most when several processes report.
+OUTBOX_PENDING = Gauge(
+    "leadscore_outbox_pending",
+    "Deliveries waiting to be sent (pending or in flight), by destination.",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    "leadscore_outbox_oldest_pending_age_seconds",
+    "Age of the oldest delivery still waiting, by destination.",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
+DEAD_LETTERS = Gauge(
+    "leadscore_dead_letters",
+    "Deliveries in the dead-letter state, by destination.",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
+CIRCUIT_STATE = Gauge(
+    "leadscore_circuit_state",
+    "Circuit breaker state per destination: 0 closed, 1 half-open, 2 open.",
+    ["destination"],
+    multiprocess_mode="livemax",
 )
 
 

@@ -55,3 +55,10 @@ async def _viewer(principal: Annotated[Principal, Depends(_principal)]) -> Princ
 
 
 Viewer = Annotated[Principal, Depends(_viewer)]
+
+
+async def _ops(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+    return require_role(principal, ("ops",))
+
+
+OpsAdmin = Annotated[Principal, Depends(_ops)]
