@@ -30,7 +30,7 @@ class AuditEntry(SQLModel, table=True):
 
     id: int = Field(sa_column=sa.Column(sa.Integer(), primary_key=True, autoincrement=False))
     recorded_at: dt.datetime = Field(sa_column=sa.Column(UtcDateTime(), nullable=False, index=True))
-    actor: str = Field(sa_column=sa.Column(sa.String(200), nullable=False))
+    actor: str = Field(sa_column=sa.Column(sa.String(300), nullable=False))
     role: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
     action: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
     entity: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))

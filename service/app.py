@@ -13,13 +13,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
-from service.api import health, leads, pipelines, webhooks
+from service.api import audit, health, keys, leads, pipelines, webhooks
 from service.api.deps import Services
 from service.db import create_engine, is_sqlite
 from service.errors import install_error_handlers
 from service.ingest import IngestWriter
 from service.metrics import RequestMetrics
 from service.migrate import head
+from service.oidc import OidcVerifier
 from service.pipelines import PipelineRegistry
 from service.settings import Settings
 from service.sources import SourceRegistry
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 tolerance=dt.timedelta(seconds=settings.webhook_tolerance_seconds),
             ),
             migration_head=head(),
+            oidc=OidcVerifier.from_settings(settings),
         )
         # Everything made at start-up (modules, compiled pipelines, caches) lives as long as the
         # process: move it out of the collector's sight, so full collections under load only scan
@@ -98,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(leads.router)
     app.include_router(pipelines.router)
+    app.include_router(keys.router)
+    app.include_router(audit.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:

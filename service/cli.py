@@ -18,11 +18,10 @@ import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import migrate as migrations
-from service.auth import ROLES, create_key
+from service.auth import ROLES, Principal, create_key, list_keys, revoke_key
 from service.db import create_engine
 from service.errors import LeadscoreError
 from service.logging import configure_logging
-from service.repositories import keys as keys_repo
 from service.settings import Settings
 from service.sources import (
     SourceError,
@@ -38,6 +37,16 @@ T = TypeVar("T")
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _actor() -> Principal:
+    """Who runs this command, for the audit log: the OS user, with the ops role (whoever can run
+    the CLI against the database can change anything anyway)."""
+    user = getpass.getuser()
+    return Principal(subject=f"cli:{user}", role="ops", name=user)
+
+
+_reason = click.option("--reason", default=None, help="Why, for the audit log.")
 
 
 def _print_json(value: Any) -> None:
@@ -125,9 +134,10 @@ def sources() -> None:
 @sources.command("add")
 @click.argument("name")
 @click.option("--scheme", default="standard", show_default=True, help="Signature scheme.")
-def sources_add(name: str, scheme: str) -> None:
+@_reason
+def sources_add(name: str, scheme: str, reason: str | None) -> None:
     """Create a source; prints its secret once, as JSON."""
-    created = _with_engine(lambda e: add_source(e, name=name, scheme=scheme, now=_now()))
+    created = _with_engine(lambda e: add_source(e, name=name, scheme=scheme, now=_now(), actor=_actor(), reason=reason))
     _print_json({"name": created.name, "scheme": created.scheme, "secret": created.secret})
 
 
@@ -142,33 +152,37 @@ def sources_list() -> None:
 
 @sources.command("rotate")
 @click.argument("name")
-def sources_rotate(name: str) -> None:
+@_reason
+def sources_rotate(name: str, reason: str | None) -> None:
     """Add a new secret; the old one stays valid until `sources retire`. Prints the new secret."""
-    created = _with_engine(lambda e: rotate_source(e, name=name, now=_now()))
+    created = _with_engine(lambda e: rotate_source(e, name=name, now=_now(), actor=_actor(), reason=reason))
     _print_json({"name": created.name, "scheme": created.scheme, "secret": created.secret})
 
 
 @sources.command("retire")
 @click.argument("name")
-def sources_retire(name: str) -> None:
+@_reason
+def sources_retire(name: str, reason: str | None) -> None:
     """Retire every secret of the source but the newest."""
-    count = _with_engine(lambda e: retire_source_secrets(e, name=name, now=_now()))
+    count = _with_engine(lambda e: retire_source_secrets(e, name=name, now=_now(), actor=_actor(), reason=reason))
     _print_json({"name": name, "retired": count})
 
 
 @sources.command("disable")
 @click.argument("name")
-def sources_disable(name: str) -> None:
+@_reason
+def sources_disable(name: str, reason: str | None) -> None:
     """Stop accepting the source's requests (answered 404, nothing stored); its secrets are kept."""
-    _with_engine(lambda e: enable_source(e, name=name, enabled=False))
+    _with_engine(lambda e: enable_source(e, name=name, enabled=False, now=_now(), actor=_actor(), reason=reason))
     _print_json({"name": name, "enabled": False})
 
 
 @sources.command("enable")
 @click.argument("name")
-def sources_enable(name: str) -> None:
+@_reason
+def sources_enable(name: str, reason: str | None) -> None:
     """Accept the source's requests again."""
-    _with_engine(lambda e: enable_source(e, name=name, enabled=True))
+    _with_engine(lambda e: enable_source(e, name=name, enabled=True, now=_now(), actor=_actor(), reason=reason))
     _print_json({"name": name, "enabled": True})
 
 
@@ -180,13 +194,22 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--role", type=click.Choice(ROLES), required=True)
 @click.option("--name", required=True)
-@click.option("--expires-in-days", type=int, default=None)
-def keys_create(role: str, name: str, expires_in_days: int | None) -> None:
+@click.option("--expires-in-days", type=click.IntRange(min=1), default=None)
+@_reason
+def keys_create(role: str, name: str, expires_in_days: int | None, reason: str | None) -> None:
     """Create a key; prints it once, as JSON (only its hash is stored)."""
     now = _now()
     expires = now + dt.timedelta(days=expires_in_days) if expires_in_days else None
     created = _with_engine(
-        lambda e: create_key(e, name=name, role="ops" if role == "ops" else "viewer", now=now, expires_at=expires)
+        lambda e: create_key(
+            e,
+            name=name,
+            role="ops" if role == "ops" else "viewer",
+            now=now,
+            expires_at=expires,
+            actor=_actor(),
+            reason=reason,
+        )
     )
     _print_json(
         {
@@ -202,26 +225,42 @@ def keys_create(role: str, name: str, expires_in_days: int | None) -> None:
 @keys.command("list")
 def keys_list() -> None:
     """List keys (their prefixes, never the keys)."""
-
-    async def run(engine: AsyncEngine) -> list[keys_repo.ApiKeyRow]:
-        async with engine.connect() as conn:
-            return await keys_repo.list_keys(conn)
-
-    _print_json([vars(k) for k in _with_engine(run)])
+    _print_json([vars(k) for k in _with_engine(list_keys)])
 
 
 @keys.command("revoke")
 @click.argument("key_id", type=int)
-def keys_revoke(key_id: int) -> None:
+@_reason
+def keys_revoke(key_id: int, reason: str | None) -> None:
     """Revoke a key by id; it stops working at once."""
-
-    async def run(engine: AsyncEngine) -> bool:
-        async with engine.begin() as conn:
-            return await keys_repo.revoke_key(conn, key_id=key_id, now=_now())
-
-    if not _with_engine(run):
-        raise click.ClickException(f"no live key with id {key_id}")
+    _with_engine(lambda e: revoke_key(e, key_id=key_id, now=_now(), actor=_actor(), reason=reason))
     _print_json({"id": key_id, "revoked": True})
+
+
+@main.group()
+def audit() -> None:
+    """The audit log of key, source and change-request changes."""
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Walk the hash chain; exit 1 naming the first broken link (an edited or deleted entry)."""
+    from service.audit import verify_chain
+
+    report = _with_engine(verify_chain)
+    if report.ok:
+        _print_json({"ok": True, "entries": report.checked, "head": {"id": report.head_id, "hash": report.head_hash}})
+        return
+    assert report.broken is not None
+    _print_json(
+        {
+            "ok": False,
+            "entries_verified": report.checked,
+            "broken": {"entry_id": report.broken.entry_id, "problem": report.broken.problem},
+        }
+    )
+    click.echo(f"audit chain broken at entry {report.broken.entry_id}: {report.broken.problem}", err=True)
+    sys.exit(1)
 
 
 @main.command()

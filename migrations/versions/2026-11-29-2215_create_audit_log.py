@@ -25,7 +25,7 @@ def upgrade() -> None:
     op.create_table('audit_entry',
     sa.Column('id', sa.Integer(), autoincrement=False, nullable=False),
     sa.Column('recorded_at', models.types.UtcDateTime(timezone=True), nullable=False),
-    sa.Column('actor', sa.String(length=200), nullable=False),
+    sa.Column('actor', sa.String(length=300), nullable=False),
     sa.Column('role', sa.String(length=16), nullable=False),
     sa.Column('action', sa.String(length=64), nullable=False),
     sa.Column('entity', sa.String(length=64), nullable=False),
