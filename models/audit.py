@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from models.types import UtcDateTime, json_document
+from models.types import UtcDateTime
 
 
 class AuditEntry(SQLModel, table=True):
@@ -35,9 +35,10 @@ class AuditEntry(SQLModel, table=True):
     action: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
     entity: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
     entity_id: str | None = Field(default=None, sa_column=sa.Column(sa.String(200), nullable=True))
-    # Stored as written (PostgreSQL `json`): the values are re-hashed by `leadscore audit verify`.
-    before: Any = Field(default=None, sa_column=sa.Column(json_document(), nullable=True))
-    after: Any = Field(default=None, sa_column=sa.Column(json_document(), nullable=True))
+    # Stored as written (PostgreSQL `json`, not `jsonb`): `leadscore audit verify` re-hashes them.
+    # No before (a creation) or after (a removal) is SQL NULL.
+    before: Any = Field(default=None, sa_column=sa.Column(sa.JSON(none_as_null=True), nullable=True))
+    after: Any = Field(default=None, sa_column=sa.Column(sa.JSON(none_as_null=True), nullable=True))
     reason: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
     prev_hash: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))
     hash: str = Field(sa_column=sa.Column(sa.String(64), nullable=False))

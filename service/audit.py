@@ -38,6 +38,7 @@ from service.repositories.audit import AuditFilter, AuditRow
 GENESIS_HASH = "0" * 64
 # JSON numbers are IEEE doubles for most readers (and for RFC 8785): larger integers become strings.
 _MAX_SAFE_INT = 2**53 - 1
+EXPORT_BATCH_SIZE = 1000  # entries read per statement while streaming an export
 _LIMITS = {"actor": 300, "role": 16, "action": 64, "entity": 64, "entity_id": 200}
 
 
@@ -288,7 +289,12 @@ async def export_audit(
     left = limit
     async with engine.connect() as conn:
         async for batch in repo.iter_entries(
-            conn, filters=filters, after_id=after_id, before_id=before_id, newest_first=order == "newest"
+            conn,
+            filters=filters,
+            after_id=after_id,
+            before_id=before_id,
+            newest_first=order == "newest",
+            batch_size=EXPORT_BATCH_SIZE,
         ):
             if left is not None:
                 batch = batch[:left]
