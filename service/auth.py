@@ -43,12 +43,12 @@ class Principal:
     when their subjects are equal (self-approval checks compare it): `key:<id>` for an API key,
     `oidc:<sub>` for an identity-provider token, `cli:<OS user>` for the command line,
     `system:<what>` for the service itself. `name` is for people to read (the key's name, the
-    token's `preferred_username`/`email`/`name`, the OS user) and is not unique.
+    token's `preferred_username`/`email`/`name`, the OS user), may be empty, and is not unique.
     """
 
     subject: str
     role: Role
-    name: str
+    name: str = ""
 
 
 # The actor of changes made by the service itself, or by code that names no one.
