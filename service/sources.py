@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -13,7 +16,7 @@ from service.errors import StorageUnavailable
 from service.metrics import DB_ERRORS
 from service.repositories import sources as repo
 from service.repositories.sources import SourceRow
-from service.webhooks import SCHEMES, scheme_for
+from service.webhooks import SCHEMES, SourceConfig, scheme_for
 
 
 class SourceError(ValueError):
@@ -54,24 +57,90 @@ class SourceRegistry:
         return row
 
 
-async def add_source(engine: AsyncEngine, *, name: str, scheme: str, now: dt.datetime) -> CreatedSource:
+def _secret(scheme: str, given: str | None) -> str:
+    if given is not None:
+        given = given.strip()
+        if not given or len(given) > 200:
+            raise SourceError("a secret is 1 to 200 characters")
+        return given
+    made = scheme_for(scheme).new_secret()
+    if made is None:
+        raise SourceError(f"{scheme} sources sign with a secret the vendor issues (the app's client secret): give it")
+    return made
+
+
+def source_config(
+    current: SourceConfig | None = None,
+    *,
+    mapping: Mapping[str, Any] | None = None,
+    signature_versions: Sequence[str] | None = None,
+) -> SourceConfig:
+    """A validated source configuration: `current` with the given parts replaced."""
+    data = (current or SourceConfig()).model_dump()
+    if mapping is not None:
+        data["mapping"] = dict(mapping)
+    if signature_versions is not None:
+        data["signature_versions"] = tuple(signature_versions)
+    try:
+        return SourceConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise SourceError(f"invalid source configuration: {problems}") from None
+
+
+async def add_source(
+    engine: AsyncEngine,
+    *,
+    name: str,
+    scheme: str,
+    now: dt.datetime,
+    secret: str | None = None,
+    config: SourceConfig | None = None,
+) -> CreatedSource:
+    """Create a source with its first secret: the one given, else a new one in the scheme's format."""
     if scheme not in SCHEMES:
         raise SourceError(f"unknown scheme {scheme!r}; known: {', '.join(sorted(SCHEMES))}")
-    secret = scheme_for(scheme).new_secret()
+    secret = _secret(scheme, secret)
     async with engine.begin() as conn:
         if await repo.get_source(conn, name) is not None:
             raise SourceError(f"a source named {name!r} exists")
-        await repo.create_source(conn, name=name, scheme=scheme, secret=secret, now=now)
+        await repo.create_source(
+            conn, name=name, scheme=scheme, secret=secret, now=now, config=_stored(config or SourceConfig())
+        )
     return CreatedSource(name=name, scheme=scheme, secret=secret)
 
 
-async def rotate_source(engine: AsyncEngine, *, name: str, now: dt.datetime) -> CreatedSource:
-    """Add a new secret; the old ones stay valid until `retire_source_secrets`."""
+def _stored(config: SourceConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude_defaults=True)
+
+
+async def configure_source(
+    engine: AsyncEngine,
+    *,
+    name: str,
+    mapping: Mapping[str, Any] | None = None,
+    signature_versions: Sequence[str] | None = None,
+) -> SourceConfig:
+    """Replace the parts given of a source's configuration; returns the whole new configuration."""
     async with engine.begin() as conn:
         row = await repo.get_source(conn, name)
         if row is None:
             raise SourceError(f"no source named {name!r}")
-        secret = scheme_for(row.scheme).new_secret()
+        config = source_config(row.config, mapping=mapping, signature_versions=signature_versions)
+        await repo.set_config(conn, source_id=row.id, config=_stored(config))
+    return config
+
+
+async def rotate_source(
+    engine: AsyncEngine, *, name: str, now: dt.datetime, secret: str | None = None
+) -> CreatedSource:
+    """Add a new secret (the one given, else a new one); the old ones stay valid until
+    `retire_source_secrets`."""
+    async with engine.begin() as conn:
+        row = await repo.get_source(conn, name)
+        if row is None:
+            raise SourceError(f"no source named {name!r}")
+        secret = _secret(row.scheme, secret)
         await repo.add_secret(conn, source_id=row.id, secret=secret, now=now)
     return CreatedSource(name=name, scheme=row.scheme, secret=secret)
 
