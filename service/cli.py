@@ -168,7 +168,7 @@ _VERSIONS = click.option(
 
 @sources.command("add")
 @click.argument("name")
-@click.option("--scheme", type=click.Choice(sorted(SCHEMES)), default="standard", show_default=True)
+@click.option("--scheme", default="standard", show_default=True, help=f"One of: {', '.join(sorted(SCHEMES))}.")
 @_MAPPING
 @_SECRET_STDIN
 @_VERSIONS
