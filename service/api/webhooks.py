@@ -112,7 +112,8 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
                 method=scope["method"],
                 scheme=scope.get("scheme", "http"),
                 host=headers.get("host"),
-                raw_path=raw_path.decode("latin-1") if raw_path else scope["path"],
+                # ASGI's raw_path has no query, but some servers (httpx's transport) leave it on.
+                raw_path=raw_path.split(b"?", 1)[0].decode("latin-1") if raw_path else scope["path"],
                 query=scope.get("query_string", b"").decode("latin-1"),
                 public_base_url=services.limits.public_base_url,
             ),
