@@ -1,5 +1,5 @@
 """Segment and RudderStack: Segment Spec messages (`identify`, `track`, `page`, `screen`, `group`),
-one per body or a `{"batch": [...]}`.
+one per body, a list, or a `{"batch": [...]}`.
 
 Segment's webhook destination signs: `X-Signature` is the hex HMAC-SHA1 of the body, keyed by the
 shared secret set in the destination. RudderStack's webhook destination does not sign, so a
@@ -123,8 +123,10 @@ class SegmentSpecMapper:
             messages: list[Any] = data["batch"]
         elif isinstance(data, dict):
             messages = [data]
+        elif isinstance(data, list):
+            messages = data  # a batching destination's array of messages
         else:
-            raise InvalidEvent([{"loc": "", "msg": 'expected a Segment message or {"batch": [...]}', "type": "type"}])
+            raise InvalidEvent([{"loc": "", "msg": "expected a Segment message, a list or a batch", "type": "type"}])
         check_count(messages, max_events)
         out = EventBuilder(config=config, now=now)
         for index, message in enumerate(messages):
@@ -141,8 +143,9 @@ def _message(message: Any, *, default_at: dt.datetime) -> tuple[str, dict[str, A
     if not isinstance(message, dict):
         raise Unmappable("not an object")
     kind = message.get("type")
-    message_id = external_id(message.get("messageId"))
-    if message_id is None:
+    raw_id = message.get("messageId")
+    message_id = str(raw_id).strip() if isinstance(raw_id, str | int) and not isinstance(raw_id, bool) else ""
+    if not message_id:
         raise Unmappable("no messageId")
     traits = as_object(message.get("traits"))
     context_traits = as_object(as_object(message.get("context")).get("traits"))

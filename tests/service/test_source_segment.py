@@ -224,3 +224,16 @@ async def test_a_batch_over_the_limit_is_422(
     response = await client.post("/v1/webhooks/segment", content=body, headers=segment_headers(body, segment))
     assert response.status_code == 422
     assert await db.counts() == EMPTY
+
+
+async def test_a_plain_array_of_messages_and_a_long_message_id(client: httpx.AsyncClient, segment: str, db: Db) -> None:
+    long_id = "m-" + "x" * 300
+    body = json.dumps([TRACK, PAGE | {"messageId": long_id}]).encode()
+    response = await client.post("/v1/webhooks/segment", content=body, headers=segment_headers(body, segment))
+    assert response.status_code == 202, response.text
+    keys = [e["key"] for e in await stored_events(db)]
+    assert "m-2" in keys
+    [hashed] = [k for k in keys if k != "m-2"]
+    assert hashed.startswith("sha256:")
+    again = await client.post("/v1/webhooks/segment", content=body, headers=segment_headers(body, segment))
+    assert again.status_code == 200
