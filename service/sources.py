@@ -100,6 +100,7 @@ async def add_source(
     """Create a source with its first secret: the one given, else a new one in the scheme's format."""
     if scheme not in SCHEMES:
         raise SourceError(f"unknown scheme {scheme!r}; known: {', '.join(sorted(SCHEMES))}")
+    _check_applies(scheme, config)
     secret = _secret(scheme, secret)
     async with engine.begin() as conn:
         if await repo.get_source(conn, name) is not None:
@@ -108,6 +109,11 @@ async def add_source(
             conn, name=name, scheme=scheme, secret=secret, now=now, config=_stored(config or SourceConfig())
         )
     return CreatedSource(name=name, scheme=scheme, secret=secret)
+
+
+def _check_applies(scheme: str, config: SourceConfig | None) -> None:
+    if config is not None and scheme != "hubspot" and config.signature_versions != SourceConfig().signature_versions:
+        raise SourceError("signature versions are a HubSpot setting; this source's scheme has one way to sign")
 
 
 def _stored(config: SourceConfig) -> dict[str, Any]:
@@ -127,6 +133,7 @@ async def configure_source(
         if row is None:
             raise SourceError(f"no source named {name!r}")
         config = source_config(row.config, mapping=mapping, signature_versions=signature_versions)
+        _check_applies(row.scheme, config)
         await repo.set_config(conn, source_id=row.id, config=_stored(config))
     return config
 

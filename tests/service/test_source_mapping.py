@@ -172,6 +172,7 @@ def test_a_hubspot_source_takes_the_client_secret_from_stdin(cli: CliRunner) -> 
         (["sources", "add", "hs", "--scheme", "hubspot", "--secret-stdin"], "\n", "1 to 200 characters"),
         (["sources", "add", "x", "--scheme", "segment", "--signature-versions", "v4"], None, "signature_versions"),
         (["sources", "configure", "nope", "--clear-mapping"], None, "no source named"),
+        (["sources", "add", "x", "--scheme", "mautic", "--signature-versions", "v1"], None, "a HubSpot setting"),
     ],
 )
 def test_sources_command_errors_are_clear(cli: CliRunner, args: list[str], stdin: str | None, message: str) -> None:
