@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_body_bytes=settings.max_body_bytes,
                 max_events=settings.max_events_per_request,
                 tolerance=dt.timedelta(seconds=settings.webhook_tolerance_seconds),
+                public_base_url=settings.public_base_url,
             ),
             migration_head=head(),
             oidc=OidcVerifier.from_settings(settings),

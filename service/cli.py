@@ -26,11 +26,14 @@ from service.settings import Settings
 from service.sources import (
     SourceError,
     add_source,
+    configure_source,
     enable_source,
     list_all,
     retire_source_secrets,
     rotate_source,
+    source_config,
 )
+from service.webhooks import SCHEMES
 
 T = TypeVar("T")
 
@@ -131,31 +134,133 @@ def sources() -> None:
     """Webhook sources and their signing secrets."""
 
 
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A field mapping file: a YAML or JSON object of vendor property -> canonical trait (null drops)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.ClickException(f"cannot read the mapping {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise click.ClickException(f"the mapping {path} is not an object of vendor property -> trait")
+    return data
+
+
+def _read_secret(from_stdin: bool) -> str | None:
+    # From stdin, never an argument: arguments end up in shell history and process listings.
+    return sys.stdin.readline().rstrip("\r\n") if from_stdin else None
+
+
+def _versions(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+_MAPPING = click.option(
+    "--mapping",
+    "mapping_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML/JSON file: vendor property -> canonical trait (null drops the property).",
+)
+_SECRET_STDIN = click.option(
+    "--secret-stdin",
+    is_flag=True,
+    help="Read the secret from stdin instead of making one (HubSpot: the app's client secret; required).",
+)
+_VERSIONS = click.option(
+    "--signature-versions",
+    default=None,
+    help="HubSpot: accepted signature versions, comma-separated (default v3; v1 and v2 have no timestamp).",
+)
+
+
 @sources.command("add")
 @click.argument("name")
-@click.option("--scheme", default="standard", show_default=True, help="Signature scheme.")
+@click.option("--scheme", default="standard", show_default=True, help=f"One of: {', '.join(sorted(SCHEMES))}.")
+@_MAPPING
+@_SECRET_STDIN
+@_VERSIONS
 @_reason
-def sources_add(name: str, scheme: str, reason: str | None) -> None:
+def sources_add(
+    name: str,
+    scheme: str,
+    mapping_path: Path | None,
+    secret_stdin: bool,
+    signature_versions: str | None,
+    reason: str | None,
+) -> None:
     """Create a source; prints its secret once, as JSON."""
-    created = _with_engine(lambda e: add_source(e, name=name, scheme=scheme, now=_now(), actor=_actor(), reason=reason))
+    mapping = _read_mapping(mapping_path) if mapping_path else None
+    try:
+        config = source_config(mapping=mapping, signature_versions=_versions(signature_versions))
+    except SourceError as exc:
+        raise click.ClickException(str(exc)) from None
+    secret = _read_secret(secret_stdin)
+    created = _with_engine(
+        lambda e: add_source(
+            e, name=name, scheme=scheme, now=_now(), secret=secret, config=config, actor=_actor(), reason=reason
+        )
+    )
     _print_json({"name": created.name, "scheme": created.scheme, "secret": created.secret})
+
+
+@sources.command("configure")
+@click.argument("name")
+@_MAPPING
+@click.option("--clear-mapping", is_flag=True, help="Remove the field mapping (vendor names are kept as they come).")
+@_VERSIONS
+@_reason
+def sources_configure(
+    name: str, mapping_path: Path | None, clear_mapping: bool, signature_versions: str | None, reason: str | None
+) -> None:
+    """Change a source's field mapping or accepted signature versions; prints the configuration."""
+    if mapping_path and clear_mapping:
+        raise click.UsageError("give --mapping or --clear-mapping, not both")
+    mapping = {} if clear_mapping else (_read_mapping(mapping_path) if mapping_path else None)
+    if mapping is None and signature_versions is None:
+        raise click.UsageError("nothing to change: give --mapping, --clear-mapping or --signature-versions")
+    config = _with_engine(
+        lambda e: configure_source(
+            e,
+            name=name,
+            mapping=mapping,
+            signature_versions=_versions(signature_versions),
+            actor=_actor(),
+            reason=reason,
+        )
+    )
+    _print_json({"name": name, "config": config.model_dump(mode="json")})
 
 
 @sources.command("list")
 def sources_list() -> None:
-    """List sources (never their secrets)."""
+    """List sources and their configuration (never their secrets)."""
     rows = _with_engine(list_all)
     _print_json(
-        [{"name": r.name, "scheme": r.scheme, "enabled": r.enabled, "live_secrets": len(r.secrets)} for r in rows]
+        [
+            {
+                "name": r.name,
+                "scheme": r.scheme,
+                "enabled": r.enabled,
+                "live_secrets": len(r.secrets),
+                "config": r.config.model_dump(mode="json", exclude_defaults=True),
+            }
+            for r in rows
+        ]
     )
 
 
 @sources.command("rotate")
 @click.argument("name")
+@_SECRET_STDIN
 @_reason
-def sources_rotate(name: str, reason: str | None) -> None:
+def sources_rotate(name: str, secret_stdin: bool, reason: str | None) -> None:
     """Add a new secret; the old one stays valid until `sources retire`. Prints the new secret."""
-    created = _with_engine(lambda e: rotate_source(e, name=name, now=_now(), actor=_actor(), reason=reason))
+    secret = _read_secret(secret_stdin)
+    created = _with_engine(
+        lambda e: rotate_source(e, name=name, now=_now(), secret=secret, actor=_actor(), reason=reason)
+    )
     _print_json({"name": created.name, "scheme": created.scheme, "secret": created.secret})
 
 

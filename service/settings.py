@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     webhook_tolerance_seconds: int = Field(
         default=300, ge=1, description="How far a signed timestamp may be from now, either way."
     )
+    public_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="The scheme, host and any path prefix (a prefix the proxy strips) under which senders "
+        "reach this service, e.g. https://leads.example.com: the URL HubSpot signs is rebuilt from it. "
+        "Unset: the scheme and Host header of each request.",
+    )
     source_cache_seconds: float = Field(
         default=5.0,
         ge=0,

@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -412,7 +413,7 @@ def cli_run(db_url: str, monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
 
 
 async def test_cli_key_and_source_changes_are_audited_without_secrets(
-    db: Db, db_url: str, monkeypatch: pytest.MonkeyPatch
+    db: Db, db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def commands() -> list[Any]:
         out = [cli_run(db_url, monkeypatch, "sources", "add", "mautic", "--reason", "new MAP")]
@@ -422,6 +423,9 @@ async def test_cli_key_and_source_changes_are_audited_without_secrets(
         out.append(cli_run(db_url, monkeypatch, "sources", "disable", "mautic"))
         out.append(cli_run(db_url, monkeypatch, "sources", "disable", "mautic"))  # no change: no entry
         out.append(cli_run(db_url, monkeypatch, "sources", "enable", "mautic"))
+        mapping = tmp_path / "mapping.yaml"
+        mapping.write_text("lead_source: Lead Source\n")
+        out.append(cli_run(db_url, monkeypatch, "sources", "configure", "mautic", "--mapping", str(mapping)))
         key = cli_run(db_url, monkeypatch, "keys", "create", "--role", "viewer", "--name", "grafana")
         out.append(key)
         out.append(cli_run(db_url, monkeypatch, "keys", "revoke", str(key["id"]), "--reason", "leaked"))
@@ -436,28 +440,30 @@ async def test_cli_key_and_source_changes_are_audited_without_secrets(
         ("source.secrets_retired", "source", "mautic", actor, "ops"),
         ("source.disabled", "source", "mautic", actor, "ops"),
         ("source.enabled", "source", "mautic", actor, "ops"),
-        ("api_key.created", "api_key", str(outputs[7]["id"]), actor, "ops"),
-        ("api_key.revoked", "api_key", str(outputs[7]["id"]), actor, "ops"),
+        ("source.configured", "source", "mautic", actor, "ops"),
+        ("api_key.created", "api_key", str(outputs[8]["id"]), actor, "ops"),
+        ("api_key.revoked", "api_key", str(outputs[8]["id"]), actor, "ops"),
     ]
-    assert [r.reason for r in rows] == ["new MAP", None, "rotation done", None, None, None, "leaked"]
+    assert [r.reason for r in rows] == ["new MAP", None, "rotation done", None, None, None, None, "leaked"]
     assert rows[0].before is None
-    assert rows[0].after == {"name": "mautic", "scheme": "standard", "enabled": True, "live_secrets": 1}
+    assert rows[0].after == {"name": "mautic", "scheme": "standard", "enabled": True, "live_secrets": 1, "config": {}}
+    assert (rows[5].before["config"], rows[5].after["config"]) == ({}, {"mapping": {"lead_source": "Lead Source"}})
     assert (rows[1].before["live_secrets"], rows[1].after["live_secrets"]) == (1, 2)
     assert (rows[2].before["live_secrets"], rows[2].after["live_secrets"]) == (2, 1)
     assert (rows[3].before["enabled"], rows[3].after["enabled"]) == (True, False)
-    assert rows[5].after == {
-        "id": outputs[7]["id"],
+    assert rows[6].after == {
+        "id": outputs[8]["id"],
         "name": "grafana",
         "role": "viewer",
         "expires_at": None,
         "revoked_at": None,
     }
-    assert rows[6].after["revoked_at"] is not None
+    assert rows[7].after["revoked_at"] is not None
     dumped = json.dumps([[str(v) for v in r] for r in rows])
     key_hash = await db.scalar("SELECT key_hash FROM api_key")
-    for secret in (outputs[0]["secret"], outputs[1]["secret"], outputs[7]["key"], outputs[7]["key"][:12], key_hash):
+    for secret in (outputs[0]["secret"], outputs[1]["secret"], outputs[8]["key"], outputs[8]["key"][:12], key_hash):
         assert secret not in dumped
-    assert (await verify_chain(db.engine)).checked == 7
+    assert (await verify_chain(db.engine)).checked == 8
 
 
 async def test_api_key_changes_are_audited_with_the_callers_subject(
