@@ -201,3 +201,6 @@ class ScoreRecord(SQLModel, table=True):
     probability: float = Field(nullable=False)
     grade: str = Field(sa_column=sa.Column(sa.String(8), nullable=False))
     explanation: dict[str, Any] = Field(sa_column=sa.Column(json_document(), nullable=False))
+
+
+from models import delivery as delivery  # noqa: E402  (the CRM outbox: models/delivery.py)
