@@ -43,7 +43,9 @@ class Delivery(SQLModel, table=True):
     idempotency_key: str = Field(sa_column=sa.Column(sa.String(200), nullable=False, unique=True))
     payload: dict[str, Any] = Field(sa_column=sa.Column(json_type(), nullable=False))
     status: str = Field(sa_column=sa.Column(sa.String(16), nullable=False))
+    # Attempts since the row was enqueued or last replayed (the retry budget); `replays` counts replays.
     attempts: int = Field(default=0, nullable=False)
+    replays: int = Field(default=0, nullable=False)
     next_attempt_at: dt.datetime = _ts()
     # The current claim: which worker holds the row, under which token, until when.
     claimed_by: str | None = Field(default=None, sa_column=sa.Column(sa.String(100), nullable=True))
@@ -52,6 +54,7 @@ class Delivery(SQLModel, table=True):
     created_at: dt.datetime = _ts()
     updated_at: dt.datetime = _ts()
     delivered_at: dt.datetime | None = _ts(nullable=True)
+    replayed_at: dt.datetime | None = _ts(nullable=True)
     last_status_code: int | None = Field(default=None, nullable=True)
     last_error: str | None = Field(default=None, sa_column=sa.Column(sa.String(1000), nullable=True))
 
