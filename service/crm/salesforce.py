@@ -26,7 +26,8 @@ class SalesforceAdapter:
     def __init__(self, config: SalesforceDestination) -> None:
         self.destination = config.name
         self._config = config
-        self._base = f"{config.base_url.rstrip('/')}/services/data/{config.api_version}/sobjects/Lead/{config.external_id_field}/"
+        root = config.base_url.rstrip("/")
+        self._base = f"{root}/services/data/{config.api_version}/sobjects/Lead/{config.external_id_field}/"
         self._authorization = f"Bearer {config.bearer().get_secret_value()}"
 
     def request(self, payload: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, str]]:

@@ -278,9 +278,11 @@ def _cut(text: str | None) -> str | None:
     return None if text is None else text[:ERROR_CHARS]
 
 
-async def release_claims(conn: AsyncConnection, claims: Sequence[Claimed], *, now: dt.datetime) -> None:
-    """Give back claimed rows that were never sent (a worker stopping): pending again at once, the
-    attempt not counted."""
+async def release_claims(
+    conn: AsyncConnection, claims: Sequence[Claimed], *, now: dt.datetime, retry_at: dt.datetime
+) -> None:
+    """Give back claimed rows that were never sent (a worker stopping, a circuit that opened):
+    pending again from `retry_at`, the attempt not counted."""
     for token in {c.claim_token for c in claims}:
         ids = [c.id for c in claims if c.claim_token == token]
         await conn.execute(
@@ -289,7 +291,7 @@ async def release_claims(conn: AsyncConnection, claims: Sequence[Claimed], *, no
             .values(
                 status="pending",
                 attempts=delivery.c.attempts - 1,
-                next_attempt_at=now,
+                next_attempt_at=retry_at,
                 claimed_by=None,
                 claim_token=None,
                 lease_expires_at=None,
