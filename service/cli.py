@@ -365,7 +365,7 @@ def pipelines_shadow(version: int | None, clear: bool) -> None:
 
 
 @main.command()
-@click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Default: LEADSCORE_DELIVERY_CONCURRENCY.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Default: LEADSCORE_DELIVERY_CONCURRENCY")
 @click.option("--metrics-port", type=int, default=None, help="Serve this process's Prometheus metrics on this port.")
 def worker(concurrency: int | None, metrics_port: int | None) -> None:
     """Deliver the outbox to the CRM destinations until SIGTERM or SIGINT (then finish what is in flight)."""
