@@ -15,6 +15,7 @@ from typing import Literal
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.db import write_transaction
 from service.errors import Forbidden, StorageUnavailable, Unauthenticated
 from service.repositories import keys as repo
 
@@ -72,7 +73,9 @@ async def authenticate(engine: AsyncEngine, authorization: str | None, *, now: d
     if not token.startswith(KEY_PREFIX):
         raise Unauthenticated("unknown, expired or revoked credential")
     try:
-        async with engine.begin() as conn:
+        # A write transaction from the start: on SQLite a read that turns into a write fails at
+        # once ("database is locked", no busy wait) when another connection wrote in between.
+        async with write_transaction(engine) as conn:
             row = await repo.use_key(conn, key_hash=hash_key(token), now=now)
     except (DBAPIError, OSError, TimeoutError) as exc:
         raise StorageUnavailable("the database is unavailable; retry later") from exc

@@ -7,6 +7,8 @@ the lock instead of failing to upgrade a read lock. PostgreSQL: asyncpg with a f
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -72,3 +74,12 @@ async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
     """A connection whose transactions take the write lock up front on SQLite."""
     conn = await engine.connect()
     return await conn.execution_options(**WRITE)
+
+
+@contextlib.asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection in a write transaction (`BEGIN IMMEDIATE` on SQLite), committed on success."""
+    async with engine.connect() as conn:
+        await conn.execution_options(**WRITE)
+        async with conn.begin():
+            yield conn

@@ -9,7 +9,7 @@ import uuid
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.db import WRITE
+from service.db import write_transaction
 from service.delivery.schemas import (
     BulkReplayed,
     BulkReplayRequest,
@@ -74,12 +74,10 @@ async def read_delivery(engine: AsyncEngine, id_: uuid.UUID) -> DeliveryDetail:
 
 async def replay_delivery(engine: AsyncEngine, id_: uuid.UUID, *, now: dt.datetime) -> DeliveryReplayed:
     """Make a dead or delivered delivery pending again, due now, with a fresh retry budget."""
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(**WRITE)
-        async with conn.begin():
-            if await repo.replay_delivery(conn, id_, now=now):
-                return DeliveryReplayed(id=id_, status="pending")
-            row = await repo.get_delivery(conn, id_)
+    async with write_transaction(engine) as conn:
+        if await repo.replay_delivery(conn, id_, now=now):
+            return DeliveryReplayed(id=id_, status="pending")
+        row = await repo.get_delivery(conn, id_)
     if row is None:
         raise DeliveryNotFound(f"no delivery {id_}")
     raise DeliveryNotReplayable(f"delivery {id_} is {row['status']}; only dead or delivered ones can be replayed")
@@ -87,16 +85,14 @@ async def replay_delivery(engine: AsyncEngine, id_: uuid.UUID, *, now: dt.dateti
 
 async def replay_dead_letters(engine: AsyncEngine, request: BulkReplayRequest, *, now: dt.datetime) -> BulkReplayed:
     """Replay the dead letters matching the filters, oldest first, at most `limit` of them."""
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(**WRITE)
-        async with conn.begin():
-            count = await repo.replay_dead(
-                conn,
-                destination=request.destination,
-                status_code=request.status_code,
-                created_after=request.created_after,
-                created_before=request.created_before,
-                limit=request.limit,
-                now=now,
-            )
+    async with write_transaction(engine) as conn:
+        count = await repo.replay_dead(
+            conn,
+            destination=request.destination,
+            status_code=request.status_code,
+            created_after=request.created_after,
+            created_before=request.created_before,
+            limit=request.limit,
+            now=now,
+        )
     return BulkReplayed(replayed=count)

@@ -26,7 +26,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.crm import CrmAdapter, CrmError, CrmRejected, CrmTransportError
-from service.db import writer_connection
+from service.db import write_transaction
 from service.delivery.policy import CircuitBreaker, RetryPolicy
 from service.metrics import DB_ERRORS, DELIVERIES, DELIVERY_DURATION
 from service.repositories import deliveries as repo
@@ -193,7 +193,10 @@ class DeliveryWorker:
         if not destinations or limit <= 0:
             return 0
         try:
-            async with await writer_connection(self._engine) as conn, conn.begin():
+            async with self._engine.connect() as conn:
+                if not await repo.any_due(conn, destinations=destinations, now=self._clock()):
+                    return 0
+            async with write_transaction(self._engine) as conn:
                 claims = await repo.claim_due(
                     conn,
                     destinations=destinations,
@@ -298,7 +301,7 @@ class DeliveryWorker:
             released, self._released = self._released, []
             try:
                 now = self._clock()
-                async with await writer_connection(self._engine) as conn, conn.begin():
+                async with write_transaction(self._engine) as conn:
                     await repo.record_outcomes(conn, outcomes, now=now)
                     if released:
                         await repo.release_claims(conn, released, now=now, retry_at=now + self._reopen_delay(released))

@@ -80,6 +80,23 @@ async def _begin(conn: AsyncConnection) -> None:
             await conn.execute(sa.select(sa.literal(1)))
 
 
+async def any_due(conn: AsyncConnection, *, destinations: Sequence[str], now: dt.datetime) -> bool:
+    """Is anything due? A read, so that an idle worker's polls take no write lock (on SQLite the
+    write lock is the whole database's)."""
+    if not destinations:
+        return False
+    query = (
+        sa.select(sa.literal(1))
+        .where(
+            delivery.c.status.in_(WAITING),
+            delivery.c.next_attempt_at <= now,
+            delivery.c.destination.in_(list(destinations)),
+        )
+        .limit(1)
+    )
+    return (await conn.execute(query)).first() is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A delivery claimed by a worker, with what it needs to send it."""

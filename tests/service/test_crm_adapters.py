@@ -6,7 +6,7 @@ import base64
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +34,10 @@ NOW = dt.datetime(2026, 11, 29, 22, 0, tzinfo=dt.UTC)
 LEAD = uuid.UUID("0192f0c4-5a4e-7d3e-9a51-6c2f0e8b1a01")
 
 
-@pytest.fixture(scope="module")
-def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrmPeer]:
-    server = CrmPeer(tmp_path_factory.mktemp("peer"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def fresh_peer(peer: CrmPeer) -> CrmPeer:
-    peer.control("reset")
-    return peer
+def fresh_peer(crm_peer: CrmPeer) -> CrmPeer:
+    crm_peer.control("reset")
+    return crm_peer
 
 
 @pytest.fixture
