@@ -129,7 +129,8 @@ async def test_enqueue_is_set_based_and_ignores_a_repeated_key(engine: AsyncEngi
     assert await db.scalar("SELECT count(*) FROM delivery") == 3
     row = (
         await db.rows(
-            "SELECT destination, idempotency_key, status, attempts, payload FROM delivery WHERE idempotency_key = 'crm:a1'"
+            "SELECT destination, idempotency_key, status, attempts, payload FROM delivery "
+            "WHERE idempotency_key = 'crm:a1'"
         )
     )[0]
     assert (row.destination, row.idempotency_key, row.status, row.attempts) == ("crm", "crm:a1", "pending", 0)
