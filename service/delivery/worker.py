@@ -174,15 +174,17 @@ class DeliveryWorker:
     # Claiming
 
     async def _claim_loop(self) -> None:
-        low_water = max(1, self._config.concurrency)
+        # At most `concurrency` claimed rows wait for a sender, so none waits longer than one
+        # request's timeout before it is sent: leases are not spent in the queue (a row whose lease
+        # runs out is claimed, and sent, by another worker too).
+        room = min(self._config.concurrency, self._config.batch_size)
         while not self._stopping:
-            claimed = 0
-            if self._ready.qsize() < low_water:
-                claimed = await self._claim(self._config.batch_size - self._ready.qsize())
-            if claimed and claimed >= self._config.batch_size - low_water:
-                # A full batch: more may be due; claim again when the senders have room.
-                while self._ready.qsize() >= low_water and not self._stopping:
-                    await asyncio.sleep(0.005)
+            limit = room - self._ready.qsize()
+            claimed = await self._claim(limit) if limit >= max(1, room // 2) else 0
+            if claimed and claimed == limit:
+                # A full claim: more may be due; claim again when the senders have taken some.
+                while self._ready.qsize() > room // 2 and not self._stopping:
+                    await asyncio.sleep(0.002)
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -204,7 +204,7 @@ _PG_FINISH = sa.text(
                 CAST(:nexts AS timestamptz[]), CAST(:codes AS integer[]), CAST(:errors AS text[]))
         AS u(id, token, status, next_attempt_at, status_code, error)
     WHERE d.id = u.id AND d.claim_token = u.token AND d.status = 'in_flight'
-    RETURNING d.id
+    RETURNING d.id, u.token
     """
 )
 _SQLITE_FINISH = (
@@ -230,13 +230,17 @@ _SQLITE_FINISH = (
 )
 
 
-async def record_outcomes(conn: AsyncConnection, outcomes: Sequence[Outcome], *, now: dt.datetime) -> set[uuid.UUID]:
+async def record_outcomes(
+    conn: AsyncConnection, outcomes: Sequence[Outcome], *, now: dt.datetime
+) -> set[tuple[uuid.UUID, uuid.UUID]]:
     """Apply attempts' outcomes to their rows, each only if the row is still held by the same claim
     (a row whose lease ran out may have been claimed, and even delivered, by another worker: then
-    this attempt changes nothing and is recorded as `stale`). Every attempt is recorded. Returns
-    the ids whose rows changed. Two statements for the batch on PostgreSQL."""
+    this attempt changes nothing and is recorded as `stale`; the same worker may even hold two
+    claims of one row in one batch). Every attempt is recorded. Returns the `(id, claim token)` of
+    the rows that changed. Two statements for the batch on PostgreSQL."""
     if not outcomes:
         return set()
+    applied: set[tuple[uuid.UUID, uuid.UUID]] = set()
     if conn.dialect.name == "postgresql":
         rows = await conn.execute(
             _PG_FINISH,
@@ -250,9 +254,8 @@ async def record_outcomes(conn: AsyncConnection, outcomes: Sequence[Outcome], *,
                 "errors": [_cut(o.error) for o in outcomes],
             },
         )
-        applied = set(rows.scalars())
+        applied.update((row_id, token) for row_id, token in rows)
     else:
-        applied = set()
         for o in outcomes:
             result = await conn.execute(
                 _SQLITE_FINISH,
@@ -268,7 +271,7 @@ async def record_outcomes(conn: AsyncConnection, outcomes: Sequence[Outcome], *,
                 },
             )
             if result.rowcount:
-                applied.add(o.claimed.id)
+                applied.add((o.claimed.id, o.claimed.claim_token))
     await bulk_insert(
         conn,
         delivery_attempt,
@@ -280,7 +283,9 @@ async def record_outcomes(conn: AsyncConnection, outcomes: Sequence[Outcome], *,
                 "worker": o.worker,
                 "started_at": o.started_at,
                 "duration_ms": o.duration_ms,
-                "outcome": o.status.replace("pending", "retry") if o.claimed.id in applied else "stale",
+                "outcome": o.status.replace("pending", "retry")
+                if (o.claimed.id, o.claimed.claim_token) in applied
+                else "stale",
                 "status_code": o.status_code,
                 "error": _cut(o.error),
                 "response_excerpt": _cut(o.response_excerpt),

@@ -9,9 +9,9 @@ told through `/_control/...` to misbehave:
   next requests get these answers in order. Actions: `status` (with `retry_after` for a
   `Retry-After` header and `body` for the answer), `slow` (`seconds` before a 200), `drop` (the connection is cut in the
   middle of the answer).
-- `POST /_control/chaos` `{"seconds": 3, "weights": {"ok": 1, "500": 1, "429": 1, "slow": 1,
-  "drop": 1}, "retry_after": "1", "slow_seconds": 2, "seed": 7}`: for a while, each request gets
-  an answer drawn at random by weight.
+- `POST /_control/chaos` `{"requests": 300, "weights": {"ok": 1, "500": 1, "429": 1, "slow": 1,
+  "drop": 1}, "retry_after": "1", "slow_seconds": 2, "seed": 7}`: the next requests each get an
+  answer drawn at random by weight.
 - `POST /_control/reject` `{"contains": "text", "status": 422}`: requests whose body contains the
   text are refused with that status, until `DELETE /_control/reject`.
 - `POST /_control/reset`: behave again.
@@ -34,7 +34,7 @@ class _State:
     def __init__(self) -> None:
         self.script: list[dict[str, Any]] = []
         self.chaos: dict[str, Any] | None = None
-        self.chaos_until = 0.0
+        self.chaos_left = 0
         self.rng = random.Random(0)
         self.rejects: list[dict[str, Any]] = []
         path = os.environ.get("CRM_PEER_LOG")
@@ -55,7 +55,8 @@ class _State:
             if step["times"] <= 0:
                 self.script.pop(0)
             return step
-        if self.chaos is not None and time.monotonic() < self.chaos_until:
+        if self.chaos is not None and self.chaos_left > 0:
+            self.chaos_left -= 1
             weights: dict[str, float] = self.chaos["weights"]
             pick = self.rng.choices(list(weights), weights=list(weights.values()))[0]
             if pick == "ok":
@@ -108,7 +109,7 @@ async def _control(path: str, method: str, body: bytes, send: Any) -> None:
         STATE.script.extend(data["steps"])
     elif path == "/_control/chaos":
         STATE.chaos = data
-        STATE.chaos_until = time.monotonic() + float(data["seconds"])
+        STATE.chaos_left = int(data["requests"])
         STATE.rng = random.Random(data.get("seed", 0))
     elif path == "/_control/reject" and method == "DELETE":
         STATE.rejects = []

@@ -196,7 +196,7 @@ async def test_a_delivery_is_recorded_once_even_when_its_lease_ran_out_and_two_w
     assert await claim("other", t0 + dt.timedelta(seconds=4)) == []  # the lease holds
     [retaken] = await claim("other", t0 + dt.timedelta(seconds=6))  # ...until it runs out
     assert retaken.attempt == 2
-    assert await record(retaken, "other", t0 + dt.timedelta(seconds=7)) == {delivery_id}
+    assert await record(retaken, "other", t0 + dt.timedelta(seconds=7)) == {(delivery_id, retaken.claim_token)}
     assert await record(slow, "slow-worker", t0 + dt.timedelta(seconds=8)) == set()  # stale claim
     assert await record(retaken, "other", t0 + dt.timedelta(seconds=9)) == set()  # already done
     rows = await db.rows("SELECT outcome, worker FROM delivery_attempt ORDER BY started_at")
