@@ -121,6 +121,10 @@ class DeliveryWorker:
         self._senders_done = False
         self._sending = 0
         self._tasks: list[asyncio.Task[None]] = []
+        # SQLite has one write lock for the whole file, and a connection waiting for it sleeps in
+        # growing steps (up to 100 ms): the claimer and the recorder take turns here instead
+        # (measured: 36 handoffs/s contending, ... taking turns).
+        self._sqlite_turns = asyncio.Lock() if engine.dialect.name == "sqlite" else None
 
     @property
     def breakers(self) -> Mapping[str, CircuitBreaker]:
@@ -198,7 +202,7 @@ class DeliveryWorker:
             async with self._engine.connect() as conn:
                 if not await repo.any_due(conn, destinations=destinations, now=self._clock()):
                     return 0
-            async with write_transaction(self._engine) as conn:
+            async with self._turn(), write_transaction(self._engine) as conn:
                 claims = await repo.claim_due(
                     conn,
                     destinations=destinations,
@@ -303,7 +307,7 @@ class DeliveryWorker:
             released, self._released = self._released, []
             try:
                 now = self._clock()
-                async with write_transaction(self._engine) as conn:
+                async with self._turn(), write_transaction(self._engine) as conn:
                     await repo.record_outcomes(conn, outcomes, now=now)
                     if released:
                         await repo.release_claims(conn, released, now=now, retry_at=now + self._reopen_delay(released))
@@ -317,6 +321,9 @@ class DeliveryWorker:
                 self._released = released + self._released
                 failures += 1
                 await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+
+    def _turn(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._sqlite_turns if self._sqlite_turns is not None else contextlib.nullcontext()
 
     def _reopen_delay(self, released: list[repo.Claimed]) -> dt.timedelta:
         wait = max(self._breakers[c.destination].reopens_in() for c in released)

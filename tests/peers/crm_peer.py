@@ -2,8 +2,9 @@
 
 It answers like the CRMs the adapters speak to (HubSpot batch upsert, Salesforce Lead upsert, a
 plain webhook receiver), records every request it receives as a JSON line in `$CRM_PEER_LOG`
-(kept across restarts: "down for a while" is this process stopped and started again), and can be
-told through `/_control/...` to misbehave:
+(written every 50 ms, on `POST /_control/flush` and at shutdown; kept across restarts: "down for
+a while" is this process stopped and started again), and can be told through `/_control/...` to
+misbehave:
 
 - `POST /_control/script` `{"steps": [{"action": "status", "status": 500, "times": 3}, ...]}`: the
   next requests get these answers in order. Actions: `status` (with `retry_after` for a
@@ -37,13 +38,25 @@ class _State:
         self.chaos_left = 0
         self.rng = random.Random(0)
         self.rejects: list[dict[str, Any]] = []
-        path = os.environ.get("CRM_PEER_LOG")
-        self.log = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 (lives with the process)
+        self.log_path = os.environ.get("CRM_PEER_LOG")
+        self.pending: list[str] = []
+        self.flushed = 0
 
     def record(self, entry: dict[str, Any]) -> None:
-        if self.log is not None:
-            self.log.write(json.dumps(entry) + "\n")
-            self.log.flush()
+        self.pending.append(json.dumps(entry) + "\n")
+
+    def flush(self) -> None:
+        # Written in batches: a write per request cost more than the rest of the request here.
+        lines, self.pending = self.pending, []
+        if lines and self.log_path:
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                log.writelines(lines)
+        self.flushed += len(lines)
+
+    async def flush_often(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            self.flush()
 
     def next_action(self, body: bytes) -> dict[str, Any]:
         for rule in self.rejects:
@@ -115,6 +128,8 @@ async def _control(path: str, method: str, body: bytes, send: Any) -> None:
         STATE.rejects = []
     elif path == "/_control/reject":
         STATE.rejects.append(data)
+    elif path == "/_control/flush":
+        STATE.flush()
     elif path == "/_control/reset":
         STATE.script, STATE.chaos, STATE.rejects = [], None, []
     elif path != "/_control/health":
@@ -128,8 +143,11 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                flusher = asyncio.create_task(STATE.flush_often())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                flusher.cancel()
+                STATE.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     path, method = scope["path"], scope["method"]

@@ -82,13 +82,20 @@ class CrmPeer:
         response = httpx.request(method, f"{self.url}/_control/{path}", json=body or {}, timeout=5)
         response.raise_for_status()
 
+    def flush(self) -> None:
+        if self._proc is not None:
+            self.control("flush")
+
     def requests(self) -> list[dict[str, Any]]:
+        """Every request the peer received (in this process and before its restarts)."""
+        self.flush()
         if not self.log_path.exists():
             return []
         lines = self.log_path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
     def count(self) -> int:
+        self.flush()
         if not self.log_path.exists():
             return 0
         with self.log_path.open("rb") as f:
