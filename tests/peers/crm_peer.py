@@ -8,8 +8,8 @@ misbehave:
 
 - `POST /_control/script` `{"steps": [{"action": "status", "status": 500, "times": 3}, ...]}`: the
   next requests get these answers in order. Actions: `status` (with `retry_after` for a
-  `Retry-After` header and `body` for the answer), `slow` (`seconds` before a 200), `drop` (the connection is cut in the
-  middle of the answer).
+  `Retry-After` header and `body` for the answer), `slow` (`seconds` before a 200), `drop` (the
+  connection is cut in the middle of the answer).
 - `POST /_control/chaos` `{"requests": 300, "weights": {"ok": 1, "500": 1, "429": 1, "slow": 1,
   "drop": 1}, "retry_after": "1", "slow_seconds": 2, "seed": 7}`: the next requests each get an
   answer drawn at random by weight.
