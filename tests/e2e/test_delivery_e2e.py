@@ -168,8 +168,8 @@ def test_every_handoff_reaches_the_crm_once_recorded_through_failures_and_a_kill
         peer.control(
             "chaos",
             {
-                "requests": 400,
-                "weights": {"ok": 3, "500": 1, "503": 1, "429": 1, "slow": 1, "drop": 1},
+                "requests": 300,
+                "weights": {"ok": 5, "500": 1, "503": 1, "429": 1, "slow": 1, "drop": 1},
                 "retry_after": "1",
                 "slow_seconds": 1.0,
                 "seed": 7,
@@ -179,12 +179,12 @@ def test_every_handoff_reaches_the_crm_once_recorded_through_failures_and_a_kill
             workers.start()
         logs = [peer.out_path, *workers.logs]
 
-        wait_until("deliveries under way", lambda: peer.count() >= 250, timeout=30, logs=logs)
+        wait_until("deliveries under way", lambda: peer.count() >= 200, timeout=120, logs=logs)
         workers.procs[0].send_signal(signal.SIGKILL)
         assert workers.procs[0].wait(timeout=10) == -signal.SIGKILL
         workers.start()
 
-        wait_until("more deliveries", lambda: peer.count() >= 650, timeout=30, logs=logs)
+        wait_until("more deliveries", lambda: peer.count() >= 550, timeout=120, logs=logs)
         peer.stop()  # the CRM is down for a while
         time.sleep(1.5)
         peer.start()
@@ -193,7 +193,7 @@ def test_every_handoff_reaches_the_crm_once_recorded_through_failures_and_a_kill
         wait_until(
             "every handoff delivered or dead",
             lambda: db.counts() == {"delivered": HANDOFFS - REJECTED, "dead": REJECTED},
-            timeout=60,
+            timeout=180,
             logs=logs,
         )
 
@@ -206,7 +206,7 @@ def test_every_handoff_reaches_the_crm_once_recorded_through_failures_and_a_kill
             check=True,
         )
         assert json.loads(replay.stdout) == {"replayed": REJECTED}
-        wait_until("replayed dead letters", lambda: db.counts() == {"delivered": HANDOFFS}, timeout=30, logs=logs)
+        wait_until("replayed dead letters", lambda: db.counts() == {"delivered": HANDOFFS}, timeout=120, logs=logs)
     finally:
         codes = workers.stop_all()
         peer.stop()
