@@ -2,8 +2,8 @@
 
 Starts `--workers` `leadscore worker` processes (idle), then enqueues `--handoffs` deliveries in
 one transaction and measures the time from that commit until every row is recorded as delivered.
-The peer is `tests/peers/crm_peer.py` (a uvicorn process recording each request), behind a signed
-Standard Webhooks destination. Prints each run, then the median and spread.
+The peer is `tests/peers/crm_peer.py` (uvicorn, `--peer-processes` of it, keeping no log), behind
+a signed Standard Webhooks destination. Prints each run, then the median and spread.
 
     .venv/bin/python bench/bench_delivery.py [--runs 3] [--handoffs 5000] [--workers 2] [--concurrency 16]
 
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--handoffs", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--peer-processes", type=int, default=2, help="uvicorn workers of the CRM peer")
     parser.add_argument("--sqlite", action="store_true", help="one worker on a SQLite file instead of PostgreSQL")
     args = parser.parse_args()
 
@@ -99,7 +100,7 @@ def main() -> None:
     else:
         asyncio.run(pg_admin(base, f'CREATE DATABASE "{db_name}"'))
         db_url = make_url(base).set(database=db_name).render_as_string(hide_password=False)
-    peer = CrmPeer(tmp)
+    peer = CrmPeer(tmp, processes=args.peer_processes, record=False)
     env = os.environ | {
         "LEADSCORE_DATABASE_URL": db_url,
         "LEADSCORE_LOG_LEVEL": "WARNING",

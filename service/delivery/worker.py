@@ -200,9 +200,11 @@ class DeliveryWorker:
         if not destinations or limit <= 0:
             return 0
         try:
-            async with self._engine.connect() as conn:
-                if not await repo.any_due(conn, destinations=destinations, now=self._clock()):
-                    return 0
+            if self._sqlite_turns is not None:
+                # An idle poll on SQLite only reads: the claim's write lock is the whole file's.
+                async with self._engine.connect() as conn:
+                    if not await repo.any_due(conn, destinations=destinations, now=self._clock()):
+                        return 0
             async with self._turn(), write_transaction(self._engine) as conn:
                 claims = await repo.claim_due(
                     conn,

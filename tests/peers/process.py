@@ -27,7 +27,11 @@ def free_port() -> int:
 class CrmPeer:
     """The peer process; its request log survives `stop()`/`start()`."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, processes: int = 1, record: bool = True) -> None:
+        """`processes` > 1 (benchmarks) runs several uvicorn workers, whose behaviour can then not
+        be scripted consistently; `record=False` keeps no request log."""
+        self.processes = processes
+        self.record = record
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "crm-peer-requests.jsonl"
@@ -49,9 +53,11 @@ class CrmPeer:
                 "--no-access-log",
                 "--log-level",
                 "warning",
+                "--workers",
+                str(self.processes),
             ],
             cwd=REPO_ROOT,
-            env=os.environ | {"CRM_PEER_LOG": str(self.log_path)},
+            env=os.environ | ({"CRM_PEER_LOG": str(self.log_path)} if self.record else {}),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
