@@ -18,6 +18,8 @@ pipeline_version = models.metadata.tables["pipeline_version"]
 pipeline_slot = models.metadata.tables["pipeline_slot"]
 score_record = models.metadata.tables["score_record"]
 audit_entry = models.metadata.tables["audit_entry"]
+delivery = models.metadata.tables["delivery"]
+delivery_attempt = models.metadata.tables["delivery_attempt"]
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect: str) -> sa.Insert:
