@@ -551,7 +551,7 @@ class Router:
             "grade": lead.grade,
             "stage": lead.stage,
             "segment": lead.segment,
-            "email_domain": (business or free or [None])[0],
+            "email_domain": next(iter(business or free), None),
         }
         for name in self._traits:
             values[TRAIT_PREFIX + name] = lead.traits.get(name)
@@ -622,12 +622,12 @@ class Router:
                 notes.append(f"{', '.join(free)} is free mail, never an account")
 
         if account is not None and (rule is None or self._account_owner[rule.id] == "prefer"):
-            owner = owners[account]
-            why = f"account {account[0]} {account[1]!r} belongs to {owner!r}"
+            account_owner = owners[account]
+            why = f"account {account[0]} {account[1]!r} belongs to {account_owner!r}"
             if rule is not None:
                 why += f"; rule {rule.id!r} matched, and account owners take its leads"
             rule_id = rule.id if rule else None
-            return Decision(lead.lead_id, "owner", owner, None, None, rule_id, "account", why, account)
+            return Decision(lead.lead_id, "owner", account_owner, None, None, rule_id, "account", why, account)
         if account is not None and rule is not None:
             notes.append(f"account {account[0]} {account[1]!r} belongs to {owners[account]!r}, but the rule wins")
 
