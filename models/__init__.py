@@ -201,3 +201,7 @@ class ScoreRecord(SQLModel, table=True):
     probability: float = Field(nullable=False)
     grade: str = Field(sa_column=sa.Column(sa.String(8), nullable=False))
     explanation: dict[str, Any] = Field(sa_column=sa.Column(json_document(), nullable=False))
+
+
+# Tables of other areas, in their own modules (imported here so `models.metadata` has them).
+from models import routing as routing  # noqa: E402

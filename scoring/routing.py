@@ -85,6 +85,7 @@ __all__ = [
     "RoutingSpec",
     "Target",
     "email_domain",
+    "is_free_mail",
     "load_routing_spec",
     "window_start",
 ]
@@ -416,7 +417,8 @@ def email_domain(email: str) -> str | None:
     return domain if sep and "." in domain else None
 
 
-def _is_free_mail(domain: str, free: frozenset[str]) -> bool:
+def is_free_mail(domain: str, free: frozenset[str]) -> bool:
+    """Whether ``domain`` (lower-cased) or a parent domain of it is in ``free``."""
     # Sub-domains too: mail.yahoo.com is yahoo.com.
     parts = domain.split(".")
     return any(".".join(parts[i:]) in free for i in range(len(parts) - 1))
@@ -522,7 +524,7 @@ class Router:
             domain = email_domain(email)
             if domain is None:
                 continue
-            bucket = free if _is_free_mail(domain, self._free_mail) else business
+            bucket = free if is_free_mail(domain, self._free_mail) else business
             if domain not in bucket:
                 bucket.append(domain)
         return business, free

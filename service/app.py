@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
-from service.api import health, leads, pipelines, webhooks
+from service.api import health, leads, pipelines, routing, webhooks
 from service.api.deps import Services
 from service.db import create_engine, is_sqlite
 from service.errors import install_error_handlers
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(leads.router)
     app.include_router(pipelines.router)
+    app.include_router(routing.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:

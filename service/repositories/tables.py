@@ -17,6 +17,11 @@ lead_merge = models.metadata.tables["lead_merge"]
 pipeline_version = models.metadata.tables["pipeline_version"]
 pipeline_slot = models.metadata.tables["pipeline_slot"]
 score_record = models.metadata.tables["score_record"]
+routing_rules_version = models.metadata.tables["routing_rules_version"]
+routing_activation = models.metadata.tables["routing_activation"]
+routing_pool_member = models.metadata.tables["routing_pool_member"]
+assignment = models.metadata.tables["assignment"]
+account_owner = models.metadata.tables["account_owner"]
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect: str) -> sa.Insert:
