@@ -188,13 +188,18 @@ async def list_versions(engine: AsyncEngine) -> RoutingRulesList:
     )
 
 
-# Compiled routers by version id. Versions are immutable, so an entry never goes stale.
-_ROUTERS: dict[int, Router] = {}
+# Compiled routers by (version id, spec sha256): versions are immutable, so an entry never goes
+# stale; the digest keeps apart equal ids of different databases (tests, restored copies).
+_ROUTERS: dict[tuple[int, str], Router] = {}
 _ROUTERS_KEPT = 32
 
 
-async def _router(conn: AsyncConnection, version_id: int) -> Router:
-    router = _ROUTERS.get(version_id)
+async def _router(conn: AsyncConnection, version_id: int, digest: str | None = None) -> Router:
+    if digest is None:
+        digest = await repo.version_digest(conn, version_id)
+        if digest is None:
+            raise RoutingVersionNotFound(f"no routing rules version {version_id}")
+    router = _ROUTERS.get((version_id, digest))
     if router is None:
         row = await repo.get_version(conn, version_id)
         if row is None:
@@ -202,7 +207,7 @@ async def _router(conn: AsyncConnection, version_id: int) -> Router:
         router = Router(validate_spec(row["spec"]))
         if len(_ROUTERS) >= _ROUTERS_KEPT:
             _ROUTERS.pop(next(iter(_ROUTERS)))
-        _ROUTERS[version_id] = router
+        _ROUTERS[(version_id, digest)] = router
     return router
 
 
@@ -224,10 +229,11 @@ async def assign_leads(conn: AsyncConnection, leads: Sequence[RoutingLead], *, n
     """
     if not leads:
         return []
-    version_id = await repo.active_version_id(conn)
-    if version_id is None:
+    active = await repo.active_version(conn)
+    if active is None:
         return []
-    router = await _router(conn, version_id)
+    version_id, digest = active
+    router = await _router(conn, version_id, digest)
 
     missing = [lead.lead_id for lead in leads if not lead.emails]
     if missing:
@@ -321,10 +327,15 @@ async def preview_routing(engine: AsyncEngine, request: RoutingPreviewRequest, *
     """Where a lead would go now, and why, with the current counters and account owners; stores
     nothing and takes no lock, so a concurrent assignment may take the turn it shows."""
     async with engine.connect() as conn:
-        version_id = request.version if request.version is not None else await repo.active_version_id(conn)
-        if version_id is None:
-            raise NoActiveRouting("no routing rules version is active; name one with `version`")
-        router = await _router(conn, version_id)
+        if request.version is not None:
+            version_id = request.version
+            router = await _router(conn, version_id)
+        else:
+            active = await repo.active_version(conn)
+            if active is None:
+                raise NoActiveRouting("no routing rules version is active; name one with `version`")
+            version_id = active[0]
+            router = await _router(conn, *active)
         lead = RoutingLead(
             lead_id=uuid.UUID(int=0),
             traits=request.traits,

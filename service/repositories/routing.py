@@ -56,13 +56,25 @@ async def list_activations(conn: AsyncConnection) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in rows]
 
 
-_ACTIVE = sa.select(routing_activation.c.version_id).order_by(routing_activation.c.id.desc()).limit(1)
+_ACTIVE = (
+    sa.select(routing_activation.c.version_id, routing_rules_version.c.spec_sha256)
+    .join(routing_rules_version, routing_rules_version.c.id == routing_activation.c.version_id)
+    .order_by(routing_activation.c.id.desc())
+    .limit(1)
+)
 
 
-async def active_version_id(conn: AsyncConnection) -> int | None:
-    """The version of the latest activation, or None before any."""
-    value = (await conn.execute(_ACTIVE)).scalar_one_or_none()
-    return int(value) if value is not None else None
+async def active_version(conn: AsyncConnection) -> tuple[int, str] | None:
+    """`(version id, spec sha256)` of the latest activation, or None before any."""
+    row = (await conn.execute(_ACTIVE)).one_or_none()
+    return (int(row[0]), str(row[1])) if row is not None else None
+
+
+async def version_digest(conn: AsyncConnection, version_id: int) -> str | None:
+    """A version's spec sha256, or None when there is no such version."""
+    query = sa.select(routing_rules_version.c.spec_sha256).where(routing_rules_version.c.id == version_id)
+    value = (await conn.execute(query)).scalar_one_or_none()
+    return str(value) if value is not None else None
 
 
 async def insert_activation(conn: AsyncConnection, *, version_id: int, actor: str, now: dt.datetime) -> None:
