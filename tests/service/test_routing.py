@@ -236,11 +236,15 @@ async def test_the_callers_transaction_decides(engine: AsyncEngine, db: Db) -> N
     await load(engine, routing_spec([{"id": "rr", "strategy": "round_robin", "members": THREE}]))
     ids = await make_leads(engine, 2)
     conn = await writer_connection(engine)
+
+    async def assign_then_fail() -> None:
+        async with conn.begin():
+            await assign_leads(conn, to(ids, "rr"), now=NOW)
+            raise RuntimeError("handoff failed")
+
     try:
         with pytest.raises(RuntimeError, match="handoff failed"):
-            async with conn.begin():
-                await assign_leads(conn, to(ids, "rr"), now=NOW)
-                raise RuntimeError("handoff failed")
+            await assign_then_fail()
     finally:
         await conn.close()
     assert await db.scalar("SELECT count(*) FROM assignment") == 0
