@@ -511,6 +511,8 @@ class Router:
                 _walk_fields(rule.when, fields)
             self._rules.append((rule, compile_property_condition(rule.when) if rule.when is not None else None))
         self._traits = tuple(sorted(f.removeprefix(TRAIT_PREFIX) for f in fields if f.startswith(TRAIT_PREFIX)))
+        #: Whether routing reads the leads' emails (account match or an ``email_domain`` condition).
+        self.reads_emails = spec.account_match.enabled or "email_domain" in fields
         default = "prefer" if spec.account_match.precedence == "account" else "ignore"
         self._account_owner = {rule.id: rule.account_owner or default for rule in spec.rules}
 

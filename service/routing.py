@@ -51,8 +51,10 @@ __all__ = [
     "RoutingLead",
     "RoutingVersionNotFound",
     "activate_version",
+    "activate_version_in",
     "assign_leads",
     "create_version",
+    "create_version_in",
     "list_versions",
     "parse_routing_spec",
     "preview_routing",
@@ -124,18 +126,23 @@ async def create_version(
 ) -> int:
     """Store a spec as a new immutable version (and make it active)."""
     async with engine.begin() as conn:
-        version_id = await repo.insert_version(
-            conn,
-            name=spec.name,
-            spec=spec.model_dump(mode="json"),
-            spec_sha256=spec_digest(spec),
-            created_by=actor,
-            now=now,
-        )
+        version_id = await create_version_in(conn, spec, actor=actor, now=now)
         if activate:
             await _activate(conn, version_id, spec, actor=actor, now=now)
     log.info("routing rules version created", version=version_id, activated=activate, actor=actor)
     return version_id
+
+
+async def create_version_in(conn: AsyncConnection, spec: RoutingSpec, *, actor: str, now: dt.datetime) -> int:
+    """`create_version` in the caller's transaction (for change requests that apply it)."""
+    return await repo.insert_version(
+        conn,
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        spec_sha256=spec_digest(spec),
+        created_by=actor,
+        now=now,
+    )
 
 
 async def activate_version(engine: AsyncEngine, version_id: int, *, actor: str, now: dt.datetime) -> None:
@@ -235,7 +242,7 @@ async def assign_leads(conn: AsyncConnection, leads: Sequence[RoutingLead], *, n
     version_id, digest = active
     router = await _router(conn, version_id, digest)
 
-    missing = [lead.lead_id for lead in leads if not lead.emails]
+    missing = [lead.lead_id for lead in leads if not lead.emails] if router.reads_emails else []
     if missing:
         emails = await repo.lead_emails(conn, missing)
         leads = [lead if lead.emails else replace(lead, emails=tuple(emails.get(lead.lead_id, ()))) for lead in leads]
@@ -267,8 +274,7 @@ async def assign_leads(conn: AsyncConnection, leads: Sequence[RoutingLead], *, n
     }
     await repo.update_pool_members(conn, changed, now)
     if outcome.claims:
-        by_lead = {a.lead_id: a.id for a in assignments}
-        claimed_by = {key: d.lead_id for d in outcome.decisions for key in d.claims}
+        claimed_by = {key: a.id for d, a in zip(outcome.decisions, assignments, strict=True) for key in d.claims}
         await repo.claim_accounts(
             conn,
             [
@@ -277,7 +283,7 @@ async def assign_leads(conn: AsyncConnection, leads: Sequence[RoutingLead], *, n
                     "key": key,
                     "owner_id": owner_id,
                     "source": "assignment",
-                    "assignment_id": by_lead[claimed_by[(kind, key)]],
+                    "assignment_id": claimed_by[(kind, key)],
                     "updated_at": now,
                 }
                 for (kind, key), owner_id in outcome.claims.items()
