@@ -203,5 +203,4 @@ class ScoreRecord(SQLModel, table=True):
     explanation: dict[str, Any] = Field(sa_column=sa.Column(json_document(), nullable=False))
 
 
-# Tables of other areas, in their own modules (imported here so `models.metadata` has them).
-from models import routing as routing  # noqa: E402
+from models import routing as routing  # noqa: E402  (routing tables, in their own module)
