@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
-from service.api import audit, deliveries, health, keys, leads, pipelines, webhooks
+from service.api import audit, deliveries, health, keys, leads, pipelines, routing, webhooks
 from service.api.deps import Services
 from service.db import create_engine, is_sqlite
 from service.delivery import build_adapters, build_worker
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(keys.router)
     app.include_router(audit.router)
     app.include_router(deliveries.router)
+    app.include_router(routing.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:

@@ -605,5 +605,93 @@ def deliveries_replay(
     _print_json(bulk.model_dump(mode="json"))
 
 
+@main.group()
+def routing() -> None:
+    """Routing rules versions, pool counters and account owners."""
+
+
+@routing.command("load")
+@click.argument("spec_path", metavar="FILE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--activate", is_flag=True, help="Make the new version the active one.")
+def routing_load(spec_path: Path, activate: bool) -> None:
+    """Validate a routing spec (YAML) and store it as a new immutable version."""
+    from service.routing import InvalidRoutingSpec, create_version, parse_routing_spec
+
+    try:
+        spec = parse_routing_spec(spec_path.read_text())
+    except InvalidRoutingSpec as exc:
+        raise click.ClickException(f"invalid routing spec {spec_path}: {json.dumps(exc.detail)}") from None
+    actor = f"cli:{getpass.getuser()}"
+    version = _with_engine(lambda e: create_version(e, spec, actor=actor, activate=activate, now=_now()))
+    _print_json({"version": version, "name": spec.name, "activated": activate})
+
+
+@routing.command("list")
+def routing_list() -> None:
+    """Every routing rules version (without specs), which is active, and the activations."""
+    from service.routing import list_versions
+
+    listed = _with_engine(list_versions).model_dump(mode="json", exclude={"versions": {"__all__": {"spec"}}})
+    _print_json(listed)
+
+
+@routing.command("activate")
+@click.argument("version", type=int)
+def routing_activate(version: int) -> None:
+    """Make a stored version the active one."""
+    from service.routing import activate_version
+
+    _with_engine(lambda e: activate_version(e, version, actor=f"cli:{getpass.getuser()}", now=_now()))
+    _print_json({"active": version})
+
+
+@routing.command("pools")
+def routing_pools() -> None:
+    """Every pool member's counters (turn, smooth-weight state, leads in the current window, total)."""
+    from service.routing import list_pool_counters
+
+    _print_json(_with_engine(list_pool_counters))
+
+
+@routing.group("accounts")
+def routing_accounts() -> None:
+    """Account owners: leads of an account (email domain or company id) go to its owner."""
+
+
+_ACCOUNT_KIND = click.Choice(["domain", "company"])
+
+
+@routing_accounts.command("list")
+def routing_accounts_list() -> None:
+    """Every account with an owner, and whether ops set it or an assignment claimed it."""
+    from service.routing import list_account_owners
+
+    _print_json(_with_engine(list_account_owners))
+
+
+@routing_accounts.command("set")
+@click.argument("kind", type=_ACCOUNT_KIND)
+@click.argument("key")
+@click.argument("owner_id")
+def routing_accounts_set(kind: str, key: str, owner_id: str) -> None:
+    """Give an account (KIND domain|company, KEY acme.io or a company id) to OWNER_ID."""
+    from service.routing import set_account_owner
+
+    _with_engine(lambda e: set_account_owner(e, kind=kind, key=key, owner_id=owner_id, now=_now()))
+    _print_json({"kind": kind, "key": key, "owner_id": owner_id})
+
+
+@routing_accounts.command("remove")
+@click.argument("kind", type=_ACCOUNT_KIND)
+@click.argument("key")
+def routing_accounts_remove(kind: str, key: str) -> None:
+    """Forget an account's owner (its next routed lead may claim it again)."""
+    from service.routing import remove_account_owner
+
+    if not _with_engine(lambda e: remove_account_owner(e, kind=kind, key=key)):
+        raise click.ClickException(f"no owner for {kind} {key!r}")
+    _print_json({"kind": kind, "key": key, "removed": True})
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

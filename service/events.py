@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from service.routing_schemas import AssignmentRead
+
 Scalar = str | int | float | bool | None
 ShortStr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Namespace = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
@@ -176,6 +178,9 @@ class LeadRead(BaseModel):
     score: ScoreRead | None = Field(description="The latest score by the active pipeline version(s).")
     shadow_score: ScoreRead | None = Field(description="The latest score by a shadow version, if any.")
     score_history: list[ScoreRead] = Field(description="Most recent first, without explanations.")
+    assignment: AssignmentRead | None = Field(
+        default=None, description="The current assignment (owner, pool or queue), if the lead was routed."
+    )
 
 
 class ActivityIn(BaseModel):

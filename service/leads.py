@@ -12,6 +12,8 @@ from service.events import EventRead, IdentityRead, LeadRead, ScoreRead
 from service.pipelines import unpack_explanation
 from service.repositories import leads as repo
 from service.repositories import pipelines as pipelines_repo
+from service.repositories import routing as routing_repo
+from service.routing_schemas import AssignmentRead
 
 
 async def read_lead(
@@ -28,6 +30,7 @@ async def read_lead(
         current = (await pipelines_repo.latest_scores(conn, [live_id])).get(live_id)
         shadow = (await pipelines_repo.latest_scores(conn, [live_id], shadow=True)).get(live_id)
         history = await pipelines_repo.score_history(conn, live_id, limit=history_limit)
+        assigned = await routing_repo.latest_assignment(conn, [live_id, *merged])
     return LeadRead(
         id=live_id,
         created_at=row["created_at"],
@@ -42,6 +45,25 @@ async def read_lead(
         score=_score(current),
         shadow_score=_score(shadow),
         score_history=[_score(h, explanation=False) for h in history],
+        assignment=_assignment(assigned),
+    )
+
+
+def _assignment(row: dict[str, Any] | None) -> AssignmentRead | None:
+    if row is None:
+        return None
+    return AssignmentRead(
+        id=row["id"],
+        kind=row["kind"],
+        owner_id=row["owner_id"],
+        pool_id=row["pool_id"],
+        queue=row["queue"],
+        routing_version=row["routing_version_id"],
+        rule_id=row["rule_id"],
+        matched_by=row["matched_by"],
+        reason=row["reason"],
+        stage=row["stage"],
+        assigned_at=row["assigned_at"],
     )
 
 

@@ -1,7 +1,7 @@
 """Create the CRM outbox: deliveries and their attempts.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0006
 Create Date: 2026-11-29 22:30:00+00:00
 """
 
@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql
 import models.types
 
 revision: str = '0007'
-down_revision: str | None = '0004'
+down_revision: str | None = '0006'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

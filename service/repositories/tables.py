@@ -20,6 +20,11 @@ score_record = models.metadata.tables["score_record"]
 audit_entry = models.metadata.tables["audit_entry"]
 delivery = models.metadata.tables["delivery"]
 delivery_attempt = models.metadata.tables["delivery_attempt"]
+routing_rules_version = models.metadata.tables["routing_rules_version"]
+routing_activation = models.metadata.tables["routing_activation"]
+routing_pool_member = models.metadata.tables["routing_pool_member"]
+assignment = models.metadata.tables["assignment"]
+account_owner = models.metadata.tables["account_owner"]
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect: str) -> sa.Insert:
