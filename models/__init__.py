@@ -87,6 +87,10 @@ class Lead(SQLModel, table=True):
     first_event_at: dt.datetime | None = _ts(nullable=True)
     last_event_at: dt.datetime | None = _ts(nullable=True)
     merged_into_id: uuid.UUID | None = Field(default=None, foreign_key="lead.id", nullable=True)
+    # The lifecycle stage (see `scoring.lifecycle`), kept on the row the ingest batch locks and
+    # updates anyway; its history is `stage_transition`.
+    stage: str = Field(default="lead", sa_column=sa.Column(sa.String(16), nullable=False, server_default="lead"))
+    stage_changed_at: dt.datetime | None = _ts(nullable=True)
 
 
 class LeadIdentity(SQLModel, table=True):
@@ -201,3 +205,6 @@ class ScoreRecord(SQLModel, table=True):
     probability: float = Field(nullable=False)
     grade: str = Field(sa_column=sa.Column(sa.String(8), nullable=False))
     explanation: dict[str, Any] = Field(sa_column=sa.Column(json_document(), nullable=False))
+
+
+import models.qualification  # noqa: E402,F401  (its tables join `metadata`)

@@ -21,6 +21,7 @@ from service.ingest import IngestWriter
 from service.metrics import RequestMetrics
 from service.migrate import head
 from service.pipelines import PipelineRegistry
+from service.qualification import PolicyRegistry
 from service.settings import Settings
 from service.sources import SourceRegistry
 from service.webhooks.receive import WebhookLimits
@@ -52,12 +53,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:  # the database may be down at start; the refresh loop retries
             log.warning("could not load pipelines at start", error=str(exc))
         pipelines.start()
+        policies = PolicyRegistry(engine, refresh_seconds=settings.pipeline_refresh_seconds)
+        try:
+            await policies.refresh()
+        except Exception as exc:
+            log.warning("could not load the threshold policy at start", error=str(exc))
+        policies.start()
         writer = IngestWriter(
             engine,
             max_batch_events=settings.group_commit_max_events,
             retry_after=settings.retry_after_seconds,
             writers=1 if is_sqlite(settings.database_url) else settings.group_commit_writers,
             pipelines=lambda: pipelines.current,
+            policy=lambda: policies.current,
             lookback=dt.timedelta(days=settings.activity_lookback_days),
         )
         writer.start()
@@ -69,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             writer=writer,
             pipelines=pipelines,
+            policies=policies,
             limits=WebhookLimits(
                 max_body_bytes=settings.max_body_bytes,
                 max_events=settings.max_events_per_request,
@@ -85,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await writer.stop()
+            await policies.stop()
             await pipelines.stop()
             await engine.dispose()
 

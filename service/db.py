@@ -7,6 +7,8 @@ the lock instead of failing to upgrade a read lock. PostgreSQL: asyncpg with a f
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -72,3 +74,13 @@ async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
     """A connection whose transactions take the write lock up front on SQLite."""
     conn = await engine.connect()
     return await conn.execution_options(**WRITE)
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that writes: on SQLite it takes the write lock at BEGIN (no failed upgrade of
+    a read lock when another writer is busy). Commits on success, rolls back on an exception."""
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(**WRITE)
+        async with conn.begin():
+            yield conn

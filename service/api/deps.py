@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.auth import Principal, authenticate, require_role
 from service.ingest import IngestWriter
 from service.pipelines import PipelineRegistry
+from service.qualification import PolicyRegistry
 from service.settings import Settings
 from service.sources import SourceRegistry
 from service.webhooks.receive import WebhookLimits
@@ -26,6 +27,7 @@ class Services:
     registry: SourceRegistry
     writer: IngestWriter
     pipelines: PipelineRegistry
+    policies: PolicyRegistry
     limits: WebhookLimits
     migration_head: str | None
 

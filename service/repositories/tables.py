@@ -17,6 +17,11 @@ lead_merge = models.metadata.tables["lead_merge"]
 pipeline_version = models.metadata.tables["pipeline_version"]
 pipeline_slot = models.metadata.tables["pipeline_slot"]
 score_record = models.metadata.tables["score_record"]
+threshold_policy = models.metadata.tables["threshold_policy"]
+threshold_policy_slot = models.metadata.tables["threshold_policy_slot"]
+stage_transition = models.metadata.tables["stage_transition"]
+change_request = models.metadata.tables["change_request"]
+outcome = models.metadata.tables["outcome"]
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect: str) -> sa.Insert:
