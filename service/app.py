@@ -13,8 +13,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
-from service.api import health, leads, pipelines, webhooks
+from service.api import change_requests, health, leads, pipelines, webhooks
 from service.api.deps import Services
+from service.change_requests import ChangeApplier, ChangeControl
 from service.db import create_engine, is_sqlite
 from service.errors import install_error_handlers
 from service.ingest import IngestWriter
@@ -69,6 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lookback=dt.timedelta(days=settings.activity_lookback_days),
         )
         writer.start()
+        control = ChangeControl.from_settings(settings)
+        applier = ChangeApplier(engine, control=control, interval_seconds=settings.change_applier_seconds)
+        applier.start()
         app.state.services = Services(
             settings=settings,
             engine=engine,
@@ -78,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             writer=writer,
             pipelines=pipelines,
             policies=policies,
+            control=control,
+            applier=applier,
             limits=WebhookLimits(
                 max_body_bytes=settings.max_body_bytes,
                 max_events=settings.max_events_per_request,
@@ -93,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await applier.stop()
             await writer.stop()
             await policies.stop()
             await pipelines.stop()
@@ -108,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(leads.router)
     app.include_router(pipelines.router)
+    app.include_router(change_requests.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:

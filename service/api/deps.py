@@ -10,6 +10,7 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import Principal, authenticate, require_role
+from service.change_requests import ChangeApplier, ChangeControl
 from service.ingest import IngestWriter
 from service.pipelines import PipelineRegistry
 from service.qualification import PolicyRegistry
@@ -28,6 +29,8 @@ class Services:
     writer: IngestWriter
     pipelines: PipelineRegistry
     policies: PolicyRegistry
+    control: ChangeControl
+    applier: ChangeApplier
     limits: WebhookLimits
     migration_head: str | None
 

@@ -3,92 +3,24 @@ demotes (with hysteresis); ops moves; the stage in the webhook answer and on the
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI
 
-from service.app import create_app
-from service.auth import create_key
-from service.db import create_engine, write_transaction
-from service.repositories import qualification as repo
 from service.settings import Settings
 from tests.conftest import Db, Sender, lead_event
-from tests.service.test_scoring_service import GOOD, POOR, register
+from tests.service.qualification_env import Env, open_env, policy, score_line, scores_of
+from tests.service.test_scoring_service import GOOD, POOR
 
 pytestmark = pytest.mark.anyio
 
 
-def score_line(field: str, op: str, value: float) -> dict[str, Any]:
-    return {"field": field, "op": op, "value": value}
-
-
-def policy(mql: dict[str, Any], sql: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    criteria: dict[str, Any] = {"mql": mql}
-    if sql is not None:
-        criteria["sql"] = sql
-    return {"name": "test", "default": criteria, **extra}
-
-
-@dataclass
-class Env:
-    """The app with an active pipeline, a client, ops and viewer keys, and the test's database."""
-
-    app: FastAPI
-    client: httpx.AsyncClient
-    settings: Settings
-    ops: dict[str, str]
-    ops2: dict[str, str]
-    viewer: dict[str, str]
-    pipeline_version: int
-
-    async def activate_policy(self, spec: dict[str, Any]) -> int:
-        """Make `spec` the active policy directly (what an applied change request does)."""
-        engine = create_engine(self.settings.database_url)
-        try:
-            async with write_transaction(engine) as conn:
-                policy_id = await repo.insert_policy(
-                    conn, name=spec["name"], spec=spec, change_request_id=None, created_by="test", now=_now()
-                )
-                await repo.set_active_policy(conn, policy_id=policy_id, actor="test", now=_now())
-        finally:
-            await engine.dispose()
-        await self.app.state.services.policies.refresh()
-        return policy_id
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-async def _key(settings: Settings, role: str, name: str) -> dict[str, str]:
-    engine = create_engine(settings.database_url)
-    try:
-        created = await create_key(engine, name=name, role="ops" if role == "ops" else "viewer", now=_now())
-    finally:
-        await engine.dispose()
-    return {"authorization": f"Bearer {created.key}"}
-
-
 @pytest.fixture
 async def env(settings: Settings, trained: Any) -> AsyncIterator[Env]:
-    version = await register(settings, trained)
-    keys = [await _key(settings, role, name) for role, name in (("ops", "ana"), ("ops", "bo"), ("viewer", "vi"))]
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
-    ):
-        yield Env(app, client, settings, keys[0], keys[1], keys[2], version)
-
-
-def scores_of(trained: Any, *traits: dict[str, str]) -> list[float]:
-    return [trained.compiled.score(trained.profile(t), now=_now()).value for t in traits]
+    async with open_env(settings, trained) as opened:
+        yield opened
 
 
 async def test_the_policy_qualifies_on_ingest_and_the_answer_has_the_stage(
