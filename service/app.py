@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
-from service.api import change_requests, health, leads, pipelines, webhooks
+from service.api import change_requests, health, leads, pipelines, thresholds, webhooks
 from service.api.deps import Services
 from service.change_requests import ChangeApplier, ChangeControl
 from service.db import create_engine, is_sqlite
@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(leads.router)
     app.include_router(pipelines.router)
     app.include_router(change_requests.router)
+    app.include_router(thresholds.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:

@@ -78,9 +78,10 @@ async def writer_connection(engine: AsyncEngine) -> AsyncConnection:
 
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A transaction that writes: on SQLite it takes the write lock at BEGIN (no failed upgrade of
-    a read lock when another writer is busy). Commits on success, rolls back on an exception."""
+    """A transaction that will write: on SQLite it takes the write lock at BEGIN (IMMEDIATE), so a
+    read-then-write inside it (an audit append reads the chain's head) cannot lose a race with
+    another writer. Commits on exit, rolls back on an exception."""
     async with engine.connect() as conn:
-        conn = await conn.execution_options(**WRITE)
+        await conn.execution_options(**WRITE)
         async with conn.begin():
             yield conn

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     change_applier_seconds: float = Field(
         default=5.0, gt=0, description="How often a process applies approved change requests whose time has come."
     )
+    lost_outcome_stage: Literal["recycled", "disqualified"] = Field(
+        default="recycled", description="The stage a `lost` outcome from the CRM moves a lead to."
+    )
     demo_pipeline_spec: Path = Field(
         default=Path("pipelines/x-education.yaml"),
         description="Dev mode: the spec trained at start-up when no pipeline version is active.",
