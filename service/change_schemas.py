@@ -146,3 +146,15 @@ class Recommendation(BaseModel):
     recall: float | None
     weekly_volume: float | None
     policy_example: dict[str, Any] | None = Field(description="The cutoff as a stage condition.")
+
+
+class ThresholdPolicyRead(BaseModel):
+    """An applied threshold policy version."""
+
+    version: int
+    name: str
+    active: bool
+    spec: dict[str, Any]
+    change_request_id: int | None = Field(description="The change request that applied it.")
+    created_by: str = Field(description="Who proposed it.")
+    created_at: dt.datetime

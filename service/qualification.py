@@ -20,6 +20,7 @@ from scoring.errors import ScoringError
 from scoring.lifecycle import QUALIFIED, InvalidTransition, check_move
 from scoring.thresholds import CompiledPolicy, ThresholdPolicySpec, compile_policy
 from service.auth import Principal
+from service.change_schemas import ThresholdPolicyRead
 from service.db import write_transaction
 from service.errors import LeadNotFound, LeadscoreError
 from service.events import StageMove, StageTransitionRead
@@ -91,21 +92,21 @@ class PolicyRegistry:
     async def refresh(self) -> LoadedPolicy | None:
         async with self._engine.connect() as conn:
             policy_id = await repo.active_policy_id(conn)
-            if policy_id is None:
-                self.current = None
-            elif policy_id not in self._compiled:
+            if policy_id is not None and policy_id not in self._compiled:
                 row = await repo.get_policy(conn, policy_id)
-                if row is not None:
-                    try:
+                try:
+                    if row is not None:
                         self._compiled[policy_id] = load_policy_row(row)
-                    except (InvalidPolicy, ScoringError) as exc:
-                        log.error(
-                            "threshold policy cannot be used; stages are not changed", policy=policy_id, error=str(exc)
-                        )
-        if policy_id is not None and policy_id in self._compiled:
-            if self.current is None or self.current.policy_id != policy_id:
-                log.info("threshold policy loaded", policy=policy_id, name=self._compiled[policy_id].name)
+                except (InvalidPolicy, ScoringError) as exc:
+                    # Stored policies were validated when proposed; this build may still refuse one.
+                    log.error(
+                        "threshold policy cannot be used; keeping the previous one", policy=policy_id, error=str(exc)
+                    )
+        if policy_id is None:
+            self.current = None
+        elif policy_id in self._compiled and (self.current is None or self.current.policy_id != policy_id):
             self.current = self._compiled[policy_id]
+            log.info("threshold policy loaded", policy=policy_id, name=self.current.name)
         return self.current
 
     def start(self) -> None:
@@ -125,6 +126,25 @@ class PolicyRegistry:
                 await self.refresh()
             except Exception as exc:  # keep the policy we have; the next round retries
                 log.warning("threshold policy refresh failed", error=str(exc))
+
+
+async def list_policies(engine: AsyncEngine) -> list[ThresholdPolicyRead]:
+    """Every applied threshold policy version, oldest first, and which one is active."""
+    async with engine.connect() as conn:
+        active = await repo.active_policy_id(conn)
+        rows = await repo.list_policies(conn)
+    return [
+        ThresholdPolicyRead(
+            version=row["id"],
+            name=row["name"],
+            active=row["id"] == active,
+            spec=row["spec"],
+            change_request_id=row["change_request_id"],
+            created_by=row["created_by"],
+            created_at=row["created_at"],
+        )
+        for row in rows
+    ]
 
 
 # --- transitions ------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from service.api.deps import ServicesDep, Viewer, utcnow
-from service.change_schemas import Recommendation
+from service.change_schemas import Recommendation, ThresholdPolicyRead
 from service.events import ErrorBody
 from service.outcomes import recommend_threshold
+from service.qualification import list_policies
 
 router = APIRouter(tags=["qualification"])
 _errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 403, 422)}
@@ -35,3 +36,9 @@ async def get_threshold_recommendation(
         window_days=window_days or services.settings.change_window_days,
         now=utcnow(),
     )
+
+
+@router.get("/v1/thresholds/policies", response_model=list[ThresholdPolicyRead], responses=_errors)
+async def get_threshold_policies(services: ServicesDep, _: Viewer) -> list[ThresholdPolicyRead]:
+    """Every applied threshold policy version, oldest first, and which one is active."""
+    return await list_policies(services.engine)

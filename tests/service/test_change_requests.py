@@ -285,6 +285,11 @@ async def test_rollback_restores_an_earlier_policy(env: Env, db: Db) -> None:
         {"target": "threshold_policy", "version": 1},
     )
     assert await db.scalar("SELECT policy_id FROM threshold_policy_slot") == 1
+    policies = (await env.client.get("/v1/thresholds/policies", headers=env.viewer)).json()
+    assert [(p["version"], p["active"], p["change_request_id"], p["created_by"]) for p in policies] == [
+        (1, True, 1, "key:1:ana"),
+        (2, False, 2, "key:1:ana"),
+    ]
 
 
 async def test_shadow_pipeline_changes_go_through_change_requests(env: Env, settings: Settings, trained: Any) -> None:
