@@ -436,6 +436,58 @@ async def _activate(
     )
 
 
+@main.group()
+def thresholds() -> None:
+    """Threshold policies: propose one from a file, list the applied versions."""
+
+
+@thresholds.command("propose")
+@click.argument("policy_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reason", required=True, help="Why (the change request's reason).")
+@click.option("--apply-at", type=click.DateTime(), default=None, help="Apply at this UTC time once approved.")
+@click.option("--reevaluate", is_flag=True, help="On apply, re-qualify the leads scored in the window.")
+@click.option("--trigger-downstream", is_flag=True, help="With --reevaluate: route leads that newly qualify.")
+@click.option("--window-days", type=int, default=None, help="Default: LEADSCORE_CHANGE_WINDOW_DAYS.")
+def thresholds_propose(
+    policy_path: Path,
+    reason: str,
+    apply_at: dt.datetime | None,
+    reevaluate: bool,
+    trigger_downstream: bool,
+    window_days: int | None,
+) -> None:
+    """Propose a threshold policy (YAML or JSON) as a change request; prints it with its impact."""
+    import yaml
+    from pydantic import ValidationError
+
+    from service.change_requests import ChangeControl, propose
+    from service.change_schemas import ChangeRequestCreate
+
+    try:
+        body = ChangeRequestCreate.model_validate(
+            {
+                "change": {"kind": "threshold_policy", "policy": yaml.safe_load(policy_path.read_text())},
+                "reason": reason,
+                "apply_at": _utc(apply_at),
+                "reevaluate": reevaluate,
+                "trigger_downstream": trigger_downstream,
+                "window_days": window_days,
+            }
+        )
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise click.ClickException(f"invalid policy {policy_path}: {exc}") from None
+    control = ChangeControl.from_settings(Settings())
+    _print_json(_summary(_with_engine(lambda e: propose(e, body, principal=_principal(), control=control, now=_now()))))
+
+
+@thresholds.command("list")
+def thresholds_list() -> None:
+    """Every applied threshold policy version and which one is active."""
+    from service.qualification import list_policies
+
+    _print_json([p.model_dump(mode="json") for p in _with_engine(list_policies)])
+
+
 @main.group("change-requests")
 def change_requests() -> None:
     """Change requests: list, show, approve, apply, reject, withdraw (as the operating-system user)."""

@@ -191,3 +191,23 @@ def test_score_without_an_active_pipeline_says_so(cli: CliRunner, tmp_path: Path
     result = cli.invoke(main, ["score", "--data", str(DATA), "--out", str(tmp_path / "o.csv")])
     assert result.exit_code == 1
     assert "NoActivePipeline" in result.output
+
+
+def test_thresholds_propose_from_a_file(cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example = REPO_ROOT / "pipelines" / "x-education-thresholds.yaml"
+    proposed = run(cli, "thresholds", "propose", str(example), "--reason", "first line", "--reevaluate")
+    assert isinstance(proposed, dict)
+    assert (proposed["kind"], proposed["status"], proposed["impact"]["changes"]) == ("threshold_policy", "pending", 0)
+    assert run(cli, "thresholds", "list") == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndefault: {mql: {field: visits, op: gte, value: 1}}\n")
+    refused = cli.invoke(main, ["thresholds", "propose", str(bad), "--reason", "x"])
+    assert refused.exit_code == 1
+    assert "unknown score field 'visits'" in refused.output
+    monkeypatch.setenv("LEADSCORE_REQUIRE_APPROVAL", "false")
+    applied = run(cli, "thresholds", "propose", str(example), "--reason", "now")
+    assert isinstance(applied, dict)
+    assert applied["status"] == "applied"
+    listed = run(cli, "thresholds", "list")
+    assert isinstance(listed, list)
+    assert [(p["version"], p["active"], p["name"]) for p in listed] == [(1, True, "x-education-example")]

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service.settings import Settings
 from tests.conftest import Db, Sender, lead_event
@@ -15,6 +16,8 @@ from tests.service.qualification_env import Env, open_env, policy, score_line, s
 from tests.service.test_scoring_service import GOOD, POOR
 
 pytestmark = pytest.mark.anyio
+
+TO_MQL = ("leadscore_stage_transitions_total", {"from_stage": "lead", "to_stage": "mql"})
 
 
 @pytest.fixture
@@ -29,6 +32,7 @@ async def test_the_policy_qualifies_on_ingest_and_the_answer_has_the_stage(
     good, poor = scores_of(trained, GOOD, POOR)
     line = (good + poor) / 2
     policy_id = await env.activate_policy(policy(score_line("score", "gte", line)))
+    counted = REGISTRY.get_sample_value(*TO_MQL) or 0.0
     a = (await sender.post(env.client, lead_event(id="g", traits=GOOD))).json()
     b = (await sender.post(env.client, lead_event(id="p", email="bo@acme.io", traits=POOR))).json()
     assert (a["stage"], b["stage"]) == ("mql", "lead")
@@ -54,6 +58,7 @@ async def test_the_policy_qualifies_on_ingest_and_the_answer_has_the_stage(
         "downstream": True,
     }
     assert (await env.client.get(f"/v1/leads/{b['lead_id']}", headers=env.viewer)).json()["transitions"] == []
+    assert REGISTRY.get_sample_value(*TO_MQL) == counted + 1
     # A repeat answers with the current stage and changes nothing.
     again = await sender.post(env.client, lead_event(id="g", traits=GOOD))
     assert (again.status_code, again.json()["stage"]) == (200, "mql")
