@@ -55,8 +55,9 @@ class StageTransition(SQLModel, table=True):
     """One move of a lead between lifecycle stages, and why.
 
     `cause`: `policy` (after a score), `reevaluation` (a change request re-applied a policy),
-    `ops` (a person) or `crm` (an outcome). `downstream`: whether this move may trigger
-    downstream work (routing and CRM handoff of a newly qualified lead).
+    `ops` (a person), `crm` (an outcome) or `merge` (a lead merged into it was further on).
+    `downstream`: whether this move may trigger downstream work (routing and CRM handoff of a newly
+    qualified lead).
     """
 
     __tablename__ = "stage_transition"

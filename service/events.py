@@ -160,7 +160,7 @@ class StageTransitionRead(BaseModel):
     from_stage: str
     to_stage: str
     transitioned_at: dt.datetime
-    cause: str = Field(description="`policy`, `reevaluation` (a change request), `ops` or `crm`.")
+    cause: str = Field(description="`policy`, `reevaluation` (a change request), `ops`, `crm` or `merge`.")
     actor: str = Field(description="`policy:<id>`, or who moved it.")
     reason: str | None
     policy_id: int | None = Field(description="The threshold policy version that decided it.")

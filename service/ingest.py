@@ -20,6 +20,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from scoring.lifecycle import rank
 from service.db import writer_connection
 from service.errors import StorageUnavailable
 from service.events import LeadEvent
@@ -27,7 +28,7 @@ from service.identity import Resolver
 from service.ids import uuid7
 from service.metrics import DB_ERRORS, GROUP_COMMIT_EVENTS
 from service.pipelines import Pipelines, score_leads
-from service.qualification import LoadedPolicy, decide_after_scores, record_transitions
+from service.qualification import LoadedPolicy, decide_after_scores, record_transitions, transition_row
 from service.repositories import ingest as repo
 from service.repositories import pipelines as pipelines_repo
 from service.repositories import qualification as qualification_repo
@@ -192,10 +193,10 @@ async def write_batch(
     )
     # Qualification: the policy decides in memory; a stage that moves rides on the lead update
     # below (no statement of its own), and the transitions are one insert for the batch.
-    transitions: list[dict[str, Any]] = []
+    transitions = merged_stages(resolver, now)
     if policy is not None and records:
         current = {lead_id: (resolver.leads[lead_id].stage, resolver.leads[lead_id].traits) for lead_id in records}
-        transitions = decide_after_scores(policy, current, records, now=now)
+        transitions += decide_after_scores(policy, current, records, now=now)
     moved: set[uuid.UUID] = set()
     for transition in transitions:
         state = resolver.leads[transition["lead_id"]]
@@ -227,6 +228,32 @@ async def write_batch(
         result.scores.update({lead_id: _summary(records[lead_id]) for lead_id in result.lead_ids if lead_id in records})
         result.stages.update({lead_id: stages[lead_id] for lead_id in result.lead_ids if lead_id in stages})
     return results
+
+
+def merged_stages(resolver: Resolver, now: dt.datetime) -> list[dict[str, Any]]:
+    """When a merged lead was further down the funnel than the lead it merged into, the survivor
+    takes its stage (a customer found to be a known lead stays a customer); one transition each.
+    Stages off the funnel (disqualified, recycled) are not carried over: the survivor's stands."""
+    rows: list[dict[str, Any]] = []
+    for merge in resolver.merges:
+        survivor = resolver.leads[resolver.final(merge.survivor_id)]
+        merged = resolver.leads[merge.merged_id]
+        ahead, behind = rank(merged.stage), rank(survivor.stage)
+        if ahead is not None and behind is not None and ahead > behind:
+            rows.append(
+                transition_row(
+                    lead_id=survivor.id,
+                    from_stage=survivor.stage,
+                    to_stage=merged.stage,
+                    now=now,
+                    cause="merge",
+                    actor="merge",
+                    reason=f"merged with lead {merged.id}",
+                    downstream=False,
+                )
+            )
+            survivor.stage = merged.stage
+    return rows
 
 
 _Pending = tuple[IngestJob, "asyncio.Future[IngestResult]"]

@@ -166,3 +166,24 @@ async def test_the_policy_leaves_ops_stages_alone(env: Env, sender: Sender, trai
     )
     answer = (await sender.post(env.client, lead_event(id="2", traits=GOOD, occurred_at="2026-11-22T10:00:00Z"))).json()
     assert answer["stage"] == "disqualified"
+
+
+async def test_a_merged_lead_further_on_passes_its_stage_to_the_survivor(env: Env, sender: Sender) -> None:
+    older = (await sender.post(env.client, lead_event(email=None, subject={"external_ids": {"hubspot": "1"}}))).json()
+    newer = (await sender.post(env.client, lead_event(email="ana@acme.io"))).json()
+    await env.client.post(
+        f"/v1/leads/{newer['lead_id']}/stage", json={"stage": "customer", "reason": "won"}, headers=env.ops
+    )
+    both = lead_event(
+        email="ana@acme.io", subject={"external_ids": {"hubspot": "1"}}, occurred_at="2026-11-21T10:00:00Z"
+    )
+    merged = (await sender.post(env.client, both)).json()
+    assert (merged["lead_id"], merged["stage"]) == (older["lead_id"], "customer")
+    lead = (await env.client.get(f"/v1/leads/{older['lead_id']}", headers=env.viewer)).json()
+    [transition] = lead["transitions"]
+    assert (transition["cause"], transition["from_stage"], transition["to_stage"], transition["downstream"]) == (
+        "merge",
+        "lead",
+        "customer",
+        False,
+    )
