@@ -302,3 +302,17 @@ async def test_shadow_pipeline_changes_go_through_change_requests(env: Env, sett
         env, (await propose(env, {"change": {"kind": "shadow_pipeline", "version": None}, "reason": "done"}))["id"]
     )
     assert cleared["before"] == {"target": "shadow_pipeline", "version": version}
+
+
+async def test_a_preview_stops_at_its_bound_and_says_so(settings: Settings, trained: Any, sender: Sender) -> None:
+    async with open_env(
+        settings.model_copy(update={"impact_max_leads": 2, "reevaluation_batch_size": 1}), trained
+    ) as env:
+        for i in range(3):
+            await sender.post(env.client, lead_event(email=f"l{i}@acme.io", traits=GOOD))
+        created = await propose(env, policy_change(policy(score_line("score", "gte", 1)), reevaluate=True))
+        assert (created["impact"]["leads_considered"], created["impact"]["truncated"]) == (2, True)
+        assert created["impact"]["changes"] == 2
+        # Applying re-evaluates every lead of the window, in batches (here of one).
+        applied = await approve(env, created["id"])
+        assert applied["result"]["reevaluation"]["changes"] == 3
