@@ -1,5 +1,5 @@
 # Leadscore service image. Migrations are a separate command: `docker run IMAGE leadscore migrate`.
-FROM python:3.11-slim AS build
+FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
@@ -8,7 +8,7 @@ COPY models ./models
 COPY migrations ./migrations
 RUN pip install --no-cache-dir --prefix=/install .
 
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     LEADSCORE_HOST=0.0.0.0 LEADSCORE_PORT=8000 LEADSCORE_LOG_FORMAT=json LEADSCORE_VAR_DIR=/app/var
 RUN useradd --create-home --uid 10001 leadscore

@@ -207,4 +207,5 @@ class ScoreRecord(SQLModel, table=True):
     explanation: dict[str, Any] = Field(sa_column=sa.Column(json_document(), nullable=False))
 
 
-import models.qualification  # noqa: E402,F401  (its tables join `metadata`)
+from models import audit as audit  # noqa: E402,F401  (registers the audit tables on the metadata)
+from models import qualification as qualification  # noqa: E402,F401  (registers the qualification tables)

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
-from service.api import change_requests, health, leads, pipelines, thresholds, webhooks
+from service.api import audit, change_requests, health, keys, leads, pipelines, thresholds, webhooks
 from service.api.deps import Services
 from service.change_requests import ChangeApplier, ChangeControl
 from service.db import create_engine, is_sqlite
@@ -21,6 +21,7 @@ from service.errors import install_error_handlers
 from service.ingest import IngestWriter
 from service.metrics import RequestMetrics
 from service.migrate import head
+from service.oidc import OidcVerifier
 from service.pipelines import PipelineRegistry
 from service.qualification import PolicyRegistry
 from service.settings import Settings
@@ -88,8 +89,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_body_bytes=settings.max_body_bytes,
                 max_events=settings.max_events_per_request,
                 tolerance=dt.timedelta(seconds=settings.webhook_tolerance_seconds),
+                public_base_url=settings.public_base_url,
             ),
             migration_head=head(),
+            oidc=OidcVerifier.from_settings(settings),
         )
         # Everything made at start-up (modules, compiled pipelines, caches) lives as long as the
         # process: move it out of the collector's sight, so full collections under load only scan
@@ -115,6 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(leads.router)
     app.include_router(pipelines.router)
+    app.include_router(keys.router)
+    app.include_router(audit.router)
     app.include_router(change_requests.router)
     app.include_router(thresholds.router)
     app.include_router(health.router)

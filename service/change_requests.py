@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scoring.lifecycle import is_backward
 from scoring.thresholds import compile_policy
+from service.audit import append_audit
 from service.auth import Principal
 from service.change_schemas import (
     ActivePipelineChange,
@@ -118,7 +119,7 @@ class ChangeControl:
 
 
 async def _audit(
-    conn: AsyncConnection,  # noqa: ARG001  (the audit entry is written in this transaction)
+    conn: AsyncConnection,
     *,
     actor: str,
     role: str,
@@ -129,17 +130,19 @@ async def _audit(
     reason: str | None,
     now: dt.datetime,
 ) -> None:
-    """Record one change-request event (every event of every request goes through here)."""
-    log.info(
-        "change request event",
-        action=action,
-        change_request=request_id,
+    """Append one change-request event to the audit log, in the caller's transaction (every event
+    of every request goes through here)."""
+    await append_audit(
+        conn,
         actor=actor,
         role=role,
-        reason=reason,
+        action=action,
+        entity="change_request",
+        entity_id=str(request_id),
         before=before,
         after=after,
-        at=now.isoformat(),
+        reason=reason,
+        now=now,
     )
 
 

@@ -18,27 +18,39 @@ import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import migrate as migrations
-from service.auth import ROLES, Principal, create_key
+from service.auth import ROLES, Principal, create_key, list_keys, revoke_key
 from service.change_schemas import ChangeRequestRead
 from service.db import create_engine
 from service.errors import LeadscoreError
 from service.logging import configure_logging
-from service.repositories import keys as keys_repo
 from service.settings import Settings
 from service.sources import (
     SourceError,
     add_source,
+    configure_source,
     enable_source,
     list_all,
     retire_source_secrets,
     rotate_source,
+    source_config,
 )
+from service.webhooks import SCHEMES
 
 T = TypeVar("T")
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _actor() -> Principal:
+    """Who runs this command, for the audit log: the OS user, with the ops role (whoever can run
+    the CLI against the database can change anything anyway)."""
+    user = getpass.getuser()
+    return Principal(subject=f"cli:{user}", role="ops", name=user)
+
+
+_reason = click.option("--reason", default=None, help="Why, for the audit log.")
 
 
 def _print_json(value: Any) -> None:
@@ -123,53 +135,160 @@ def sources() -> None:
     """Webhook sources and their signing secrets."""
 
 
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A field mapping file: a YAML or JSON object of vendor property -> canonical trait (null drops)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.ClickException(f"cannot read the mapping {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise click.ClickException(f"the mapping {path} is not an object of vendor property -> trait")
+    return data
+
+
+def _read_secret(from_stdin: bool) -> str | None:
+    # From stdin, never an argument: arguments end up in shell history and process listings.
+    return sys.stdin.readline().rstrip("\r\n") if from_stdin else None
+
+
+def _versions(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+_MAPPING = click.option(
+    "--mapping",
+    "mapping_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML/JSON file: vendor property -> canonical trait (null drops the property).",
+)
+_SECRET_STDIN = click.option(
+    "--secret-stdin",
+    is_flag=True,
+    help="Read the secret from stdin instead of making one (HubSpot: the app's client secret; required).",
+)
+_VERSIONS = click.option(
+    "--signature-versions",
+    default=None,
+    help="HubSpot: accepted signature versions, comma-separated (default v3; v1 and v2 have no timestamp).",
+)
+
+
 @sources.command("add")
 @click.argument("name")
-@click.option("--scheme", default="standard", show_default=True, help="Signature scheme.")
-def sources_add(name: str, scheme: str) -> None:
+@click.option("--scheme", default="standard", show_default=True, help=f"One of: {', '.join(sorted(SCHEMES))}.")
+@_MAPPING
+@_SECRET_STDIN
+@_VERSIONS
+@_reason
+def sources_add(
+    name: str,
+    scheme: str,
+    mapping_path: Path | None,
+    secret_stdin: bool,
+    signature_versions: str | None,
+    reason: str | None,
+) -> None:
     """Create a source; prints its secret once, as JSON."""
-    created = _with_engine(lambda e: add_source(e, name=name, scheme=scheme, now=_now()))
+    mapping = _read_mapping(mapping_path) if mapping_path else None
+    try:
+        config = source_config(mapping=mapping, signature_versions=_versions(signature_versions))
+    except SourceError as exc:
+        raise click.ClickException(str(exc)) from None
+    secret = _read_secret(secret_stdin)
+    created = _with_engine(
+        lambda e: add_source(
+            e, name=name, scheme=scheme, now=_now(), secret=secret, config=config, actor=_actor(), reason=reason
+        )
+    )
     _print_json({"name": created.name, "scheme": created.scheme, "secret": created.secret})
+
+
+@sources.command("configure")
+@click.argument("name")
+@_MAPPING
+@click.option("--clear-mapping", is_flag=True, help="Remove the field mapping (vendor names are kept as they come).")
+@_VERSIONS
+@_reason
+def sources_configure(
+    name: str, mapping_path: Path | None, clear_mapping: bool, signature_versions: str | None, reason: str | None
+) -> None:
+    """Change a source's field mapping or accepted signature versions; prints the configuration."""
+    if mapping_path and clear_mapping:
+        raise click.UsageError("give --mapping or --clear-mapping, not both")
+    mapping = {} if clear_mapping else (_read_mapping(mapping_path) if mapping_path else None)
+    if mapping is None and signature_versions is None:
+        raise click.UsageError("nothing to change: give --mapping, --clear-mapping or --signature-versions")
+    config = _with_engine(
+        lambda e: configure_source(
+            e,
+            name=name,
+            mapping=mapping,
+            signature_versions=_versions(signature_versions),
+            actor=_actor(),
+            reason=reason,
+        )
+    )
+    _print_json({"name": name, "config": config.model_dump(mode="json")})
 
 
 @sources.command("list")
 def sources_list() -> None:
-    """List sources (never their secrets)."""
+    """List sources and their configuration (never their secrets)."""
     rows = _with_engine(list_all)
     _print_json(
-        [{"name": r.name, "scheme": r.scheme, "enabled": r.enabled, "live_secrets": len(r.secrets)} for r in rows]
+        [
+            {
+                "name": r.name,
+                "scheme": r.scheme,
+                "enabled": r.enabled,
+                "live_secrets": len(r.secrets),
+                "config": r.config.model_dump(mode="json", exclude_defaults=True),
+            }
+            for r in rows
+        ]
     )
 
 
 @sources.command("rotate")
 @click.argument("name")
-def sources_rotate(name: str) -> None:
+@_SECRET_STDIN
+@_reason
+def sources_rotate(name: str, secret_stdin: bool, reason: str | None) -> None:
     """Add a new secret; the old one stays valid until `sources retire`. Prints the new secret."""
-    created = _with_engine(lambda e: rotate_source(e, name=name, now=_now()))
+    secret = _read_secret(secret_stdin)
+    created = _with_engine(
+        lambda e: rotate_source(e, name=name, now=_now(), secret=secret, actor=_actor(), reason=reason)
+    )
     _print_json({"name": created.name, "scheme": created.scheme, "secret": created.secret})
 
 
 @sources.command("retire")
 @click.argument("name")
-def sources_retire(name: str) -> None:
+@_reason
+def sources_retire(name: str, reason: str | None) -> None:
     """Retire every secret of the source but the newest."""
-    count = _with_engine(lambda e: retire_source_secrets(e, name=name, now=_now()))
+    count = _with_engine(lambda e: retire_source_secrets(e, name=name, now=_now(), actor=_actor(), reason=reason))
     _print_json({"name": name, "retired": count})
 
 
 @sources.command("disable")
 @click.argument("name")
-def sources_disable(name: str) -> None:
+@_reason
+def sources_disable(name: str, reason: str | None) -> None:
     """Stop accepting the source's requests (answered 404, nothing stored); its secrets are kept."""
-    _with_engine(lambda e: enable_source(e, name=name, enabled=False))
+    _with_engine(lambda e: enable_source(e, name=name, enabled=False, now=_now(), actor=_actor(), reason=reason))
     _print_json({"name": name, "enabled": False})
 
 
 @sources.command("enable")
 @click.argument("name")
-def sources_enable(name: str) -> None:
+@_reason
+def sources_enable(name: str, reason: str | None) -> None:
     """Accept the source's requests again."""
-    _with_engine(lambda e: enable_source(e, name=name, enabled=True))
+    _with_engine(lambda e: enable_source(e, name=name, enabled=True, now=_now(), actor=_actor(), reason=reason))
     _print_json({"name": name, "enabled": True})
 
 
@@ -181,13 +300,22 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--role", type=click.Choice(ROLES), required=True)
 @click.option("--name", required=True)
-@click.option("--expires-in-days", type=int, default=None)
-def keys_create(role: str, name: str, expires_in_days: int | None) -> None:
+@click.option("--expires-in-days", type=click.IntRange(min=1), default=None)
+@_reason
+def keys_create(role: str, name: str, expires_in_days: int | None, reason: str | None) -> None:
     """Create a key; prints it once, as JSON (only its hash is stored)."""
     now = _now()
     expires = now + dt.timedelta(days=expires_in_days) if expires_in_days else None
     created = _with_engine(
-        lambda e: create_key(e, name=name, role="ops" if role == "ops" else "viewer", now=now, expires_at=expires)
+        lambda e: create_key(
+            e,
+            name=name,
+            role="ops" if role == "ops" else "viewer",
+            now=now,
+            expires_at=expires,
+            actor=_actor(),
+            reason=reason,
+        )
     )
     _print_json(
         {
@@ -203,26 +331,42 @@ def keys_create(role: str, name: str, expires_in_days: int | None) -> None:
 @keys.command("list")
 def keys_list() -> None:
     """List keys (their prefixes, never the keys)."""
-
-    async def run(engine: AsyncEngine) -> list[keys_repo.ApiKeyRow]:
-        async with engine.connect() as conn:
-            return await keys_repo.list_keys(conn)
-
-    _print_json([vars(k) for k in _with_engine(run)])
+    _print_json([vars(k) for k in _with_engine(list_keys)])
 
 
 @keys.command("revoke")
 @click.argument("key_id", type=int)
-def keys_revoke(key_id: int) -> None:
+@_reason
+def keys_revoke(key_id: int, reason: str | None) -> None:
     """Revoke a key by id; it stops working at once."""
-
-    async def run(engine: AsyncEngine) -> bool:
-        async with engine.begin() as conn:
-            return await keys_repo.revoke_key(conn, key_id=key_id, now=_now())
-
-    if not _with_engine(run):
-        raise click.ClickException(f"no live key with id {key_id}")
+    _with_engine(lambda e: revoke_key(e, key_id=key_id, now=_now(), actor=_actor(), reason=reason))
     _print_json({"id": key_id, "revoked": True})
+
+
+@main.group()
+def audit() -> None:
+    """The audit log of key, source and change-request changes."""
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Walk the hash chain; exit 1 naming the first broken link (an edited or deleted entry)."""
+    from service.audit import verify_chain
+
+    report = _with_engine(verify_chain)
+    if report.ok:
+        _print_json({"ok": True, "entries": report.checked, "head": {"id": report.head_id, "hash": report.head_hash}})
+        return
+    assert report.broken is not None
+    _print_json(
+        {
+            "ok": False,
+            "entries_verified": report.checked,
+            "broken": {"entry_id": report.broken.entry_id, "problem": report.broken.problem},
+        }
+    )
+    click.echo(f"audit chain broken at entry {report.broken.entry_id}: {report.broken.problem}", err=True)
+    sys.exit(1)
 
 
 @main.command()
@@ -259,7 +403,7 @@ def train(spec_path: Path, data_path: Path, label: str, activate: bool, reason: 
             rows=rows,
             labels=labels,
             data_sha256=digest,
-            actor=_principal().subject,
+            actor=_actor().subject,
             progress=progress,
         )
         out: dict[str, Any] = {"version": registered.version_id, "activated": False}
@@ -388,14 +532,9 @@ def pipelines_shadow(version: int | None, clear: bool, reason: str) -> None:
         raise click.UsageError("give a VERSION or --clear")
     body = ChangeRequestCreate(change=ShadowPipelineChange(kind="shadow_pipeline", version=version), reason=reason)
     request = _with_engine(
-        lambda e: propose(e, body, principal=_principal(), control=ChangeControl.from_settings(Settings()), now=_now())
+        lambda e: propose(e, body, principal=_actor(), control=ChangeControl.from_settings(Settings()), now=_now())
     )
     _print_json(_summary(request))
-
-
-def _principal() -> Principal:
-    """Who runs the command: the operating-system user, with the ops role (they hold the database)."""
-    return Principal(subject=f"cli:{getpass.getuser()}", role="ops")
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -426,7 +565,7 @@ async def _activate(
     return await activate_pipeline(
         engine,
         version,
-        principal=_principal(),
+        principal=_actor(),
         reason=reason,
         control=ChangeControl.from_settings(Settings()),
         now=_now(),
@@ -477,7 +616,7 @@ def thresholds_propose(
     except (yaml.YAMLError, ValidationError) as exc:
         raise click.ClickException(f"invalid policy {policy_path}: {exc}") from None
     control = ChangeControl.from_settings(Settings())
-    _print_json(_summary(_with_engine(lambda e: propose(e, body, principal=_principal(), control=control, now=_now()))))
+    _print_json(_summary(_with_engine(lambda e: propose(e, body, principal=_actor(), control=control, now=_now()))))
 
 
 @thresholds.command("list")
@@ -521,7 +660,7 @@ def change_requests_approve(request_id: int) -> None:
 
     control = ChangeControl.from_settings(Settings())
     _print_json(
-        _summary(_with_engine(lambda e: approve(e, request_id, principal=_principal(), control=control, now=_now())))
+        _summary(_with_engine(lambda e: approve(e, request_id, principal=_actor(), control=control, now=_now())))
     )
 
 
@@ -532,7 +671,7 @@ def change_requests_apply(request_id: int) -> None:
     from service.change_requests import ChangeControl, apply_request
 
     control = ChangeControl.from_settings(Settings())
-    principal = _principal()
+    principal = _actor()
     _print_json(
         _summary(
             _with_engine(
@@ -554,9 +693,7 @@ def change_requests_reject(request_id: int, reason: str) -> None:
 
     decision = Decision(reason=reason)
     _print_json(
-        _summary(
-            _with_engine(lambda e: close(e, request_id, decision, withdraw=False, principal=_principal(), now=_now()))
-        )
+        _summary(_with_engine(lambda e: close(e, request_id, decision, withdraw=False, principal=_actor(), now=_now())))
     )
 
 
@@ -570,9 +707,7 @@ def change_requests_withdraw(request_id: int, reason: str) -> None:
 
     decision = Decision(reason=reason)
     _print_json(
-        _summary(
-            _with_engine(lambda e: close(e, request_id, decision, withdraw=True, principal=_principal(), now=_now()))
-        )
+        _summary(_with_engine(lambda e: close(e, request_id, decision, withdraw=True, principal=_actor(), now=_now())))
     )
 
 

@@ -21,6 +21,7 @@ from service.sources import SourceRegistry, add_source, rotate_source
 log = structlog.get_logger(__name__)
 
 DEMO_SOURCE = "demo"
+DEV_MODE = Principal(subject="system:dev-mode", role="ops", name="dev mode")
 
 
 async def bootstrap(engine: AsyncEngine, *, settings: Settings, base_url: str) -> Path:
@@ -34,12 +35,12 @@ async def bootstrap(engine: AsyncEngine, *, settings: Settings, base_url: str) -
     source = await SourceRegistry(engine, ttl=0, retry_after=1).get(DEMO_SOURCE)
     secret = known.get("webhook_secret")
     if source is None:
-        secret = (await add_source(engine, name=DEMO_SOURCE, scheme="standard", now=now)).secret
+        secret = (await add_source(engine, name=DEMO_SOURCE, scheme="standard", now=now, actor=DEV_MODE)).secret
     elif secret not in source.secrets:
-        secret = (await rotate_source(engine, name=DEMO_SOURCE, now=now)).secret
+        secret = (await rotate_source(engine, name=DEMO_SOURCE, now=now, actor=DEV_MODE)).secret
     ops_key = known.get("ops_api_key")
     if not ops_key:
-        ops_key = (await create_key(engine, name="dev-ops", role="ops", now=now)).key
+        ops_key = (await create_key(engine, name="dev-ops", role="ops", now=now, actor=DEV_MODE)).key
     credentials = {
         "webhook_url": f"{base_url}/v1/webhooks/{DEMO_SOURCE}",
         "webhook_source": DEMO_SOURCE,
@@ -82,7 +83,7 @@ async def _demo_pipeline(engine: AsyncEngine, settings: Settings) -> None:
     await bootstrap_pipeline(
         engine,
         registered.version_id,
-        principal=Principal(subject="dev-mode", role="ops"),
+        principal=DEV_MODE,
         reason="dev mode: the demo pipeline",
         now=dt.datetime.now(dt.UTC),
     )

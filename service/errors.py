@@ -98,6 +98,13 @@ class StorageUnavailable(LeadscoreError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class IdentityProviderUnavailable(LeadscoreError):
+    """The OpenID Connect provider's signing keys cannot be fetched or used (503 with Retry-After)."""
+
+    status = 503
+    headers = {"Retry-After": "30"}
+
+
 def error_response(exc: LeadscoreError) -> JsonResponse:
     return JsonResponse(
         {"error": type(exc).__name__, "detail": exc.detail},

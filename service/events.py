@@ -88,6 +88,11 @@ class LeadScoreSummary(BaseModel):
     pipeline_version: int
 
 
+class SkippedItem(BaseModel):
+    index: int | str = Field(description="The item's position in the body (`mautic.<event>.<n>` for Mautic).")
+    reason: str
+
+
 class EventAccepted(BaseModel):
     """The answer to an accepted (202) or duplicate (200) webhook request."""
 
@@ -103,6 +108,11 @@ class EventAccepted(BaseModel):
     event_ids: list[uuid.UUID] = Field(description="Leadscore's id of each event, in request order.")
     duplicate: bool = Field(description="True when every event of the request had been received before.")
     duplicates: list[bool] = Field(description="Per event: had it been received before?")
+    skipped: list[SkippedItem] | None = Field(
+        default=None,
+        description="Vendor sources only, and only when some: items of the body that carry no lead event "
+        "(a HubSpot deal event, an unknown Segment call, ...). The raw body, with them, is stored.",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -62,7 +62,8 @@ class IngestResult:
 
     @property
     def duplicate(self) -> bool:
-        return all(self.duplicates)
+        """Every event had been received before (a body that mapped to no event is not a repeat)."""
+        return bool(self.duplicates) and all(self.duplicates)
 
 
 def event_keys(events: list[LeadEvent], webhook_id: str | None) -> list[str]:
@@ -159,7 +160,8 @@ async def write_batch(
                     "payload": event.model_dump(mode="json", exclude_none=True),
                 }
             )
-        if not all(dups):
+        # A vendor body whose items all mapped to no event is still kept, for audit and replay.
+        if not all(dups) or not dups:
             request_rows.append(
                 {
                     "id": request_id,

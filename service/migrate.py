@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from alembic import command
@@ -29,6 +30,12 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def head() -> str | None:
     return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+
+
+@cache
+def known_revisions() -> frozenset[str]:
+    """Every revision this code's migrations define (a database at any other one is ahead of it)."""
+    return frozenset(script.revision for script in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions())
 
 
 def downgrade(url: str, revision: str) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from scoring.errors import ScoringError
 from scoring.lifecycle import QUALIFIED, InvalidTransition, check_move
 from scoring.thresholds import CompiledPolicy, ThresholdPolicySpec, compile_policy
+from service.audit import append_audit
 from service.auth import Principal
 from service.change_schemas import ThresholdPolicyRead
 from service.db import write_transaction
@@ -300,6 +301,18 @@ async def move_lead_stage(
             actor=principal.subject,
             cause="ops",
             downstream=move.trigger_downstream,
+            now=now,
+        )
+        await append_audit(
+            conn,
+            actor=principal.subject,
+            role=principal.role,
+            action="lead.stage_moved",
+            entity="lead",
+            entity_id=str(transition["lead_id"]),
+            before={"stage": transition["from_stage"]},
+            after={"stage": transition["to_stage"], "trigger_downstream": move.trigger_downstream},
+            reason=move.reason,
             now=now,
         )
     return transition_read(transition)

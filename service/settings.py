@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Asymmetric algorithms only: the keys come from a public JWKS, and an HMAC "key" made of a public
+# key is the classic algorithm-confusion attack.
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 
 class Settings(BaseSettings):
@@ -31,6 +35,13 @@ class Settings(BaseSettings):
     max_events_per_request: int = Field(default=500, ge=1, description="Largest event list in one body.")
     webhook_tolerance_seconds: int = Field(
         default=300, ge=1, description="How far a signed timestamp may be from now, either way."
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="The scheme, host and any path prefix (a prefix the proxy strips) under which senders "
+        "reach this service, e.g. https://leads.example.com: the URL HubSpot signs is rebuilt from it. "
+        "Unset: the scheme and Host header of each request.",
     )
     source_cache_seconds: float = Field(
         default=5.0,
@@ -90,5 +101,64 @@ class Settings(BaseSettings):
         default=Path("../shared/data/x-education/leads_train.csv"),
         description="Dev mode: the labelled CSV (label `Converted`) the demo pipeline is trained on.",
     )
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="OpenID Connect: the identity provider's issuer (`iss`); with the audience and JWKS URL "
+        "it turns on bearer tokens (JWT) next to API keys.",
+    )
+    oidc_audience: str | None = Field(default=None, description="OpenID Connect: the `aud` tokens must carry.")
+    oidc_jwks_url: str | None = Field(
+        default=None, description="OpenID Connect: the provider's JWKS URL (its signing keys), http(s)."
+    )
+    oidc_algorithms: list[str] = Field(
+        default=["RS256", "ES256"],
+        description=f"OpenID Connect: accepted signing algorithms, among {', '.join(OIDC_ALGORITHMS)}.",
+    )
+    oidc_role_claim: str = Field(
+        default="roles",
+        description="OpenID Connect: the claim holding the caller's roles or groups (a string or a list of "
+        "strings); a dotted path reaches into objects (`realm_access.roles`).",
+    )
+    oidc_role_map: dict[str, Literal["ops", "viewer"]] = Field(
+        default_factory=dict,
+        description='OpenID Connect: claim values to roles, as JSON (`{"marketing-ops": "ops", "sales": '
+        '"viewer"}`); `ops` wins when several match. Empty: the values `ops` and `viewer` themselves.',
+    )
+    oidc_leeway_seconds: int = Field(
+        default=60, ge=0, le=600, description="OpenID Connect: clock skew allowed on `exp`, `nbf` and `iat`."
+    )
+    oidc_jwks_cache_seconds: float = Field(
+        default=300, gt=0, description="OpenID Connect: how long the provider's keys are cached."
+    )
+    oidc_jwks_refresh_cooldown_seconds: float = Field(
+        default=30,
+        ge=0,
+        description="OpenID Connect: a token signed by an unknown key id refetches the keys (rotation), at "
+        "most once per this many seconds, so forged key ids cannot flood the provider.",
+    )
+    oidc_jwks_timeout_seconds: float = Field(
+        default=5, gt=0, description="OpenID Connect: timeout of one JWKS fetch (503 when the provider is down)."
+    )
     log_level: str = Field(default="INFO", description="Logging level.")
     log_format: Literal["console", "json"] = Field(default="console", description="Log rendering.")
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return self.oidc_issuer is not None
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        given = {
+            "oidc_issuer": self.oidc_issuer,
+            "oidc_audience": self.oidc_audience,
+            "oidc_jwks_url": self.oidc_jwks_url,
+        }
+        if any(given.values()) and not all(given.values()):
+            missing = ", ".join(f"LEADSCORE_{k.upper()}" for k, v in given.items() if not v)
+            raise ValueError(f"OpenID Connect needs an issuer, an audience and a JWKS URL; missing {missing}")
+        unknown = [a for a in self.oidc_algorithms if a not in OIDC_ALGORITHMS]
+        if unknown or not self.oidc_algorithms:
+            raise ValueError(f"LEADSCORE_OIDC_ALGORITHMS: choose among {', '.join(OIDC_ALGORITHMS)}; got {unknown}")
+        if self.oidc_jwks_url is not None and not self.oidc_jwks_url.startswith(("https://", "http://")):
+            raise ValueError("LEADSCORE_OIDC_JWKS_URL must be an http(s) URL")
+        return self

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from service.audit import append_audit
+from service.auth import SYSTEM, Principal
+from service.db import write_transaction
 from service.errors import StorageUnavailable
 from service.metrics import DB_ERRORS
 from service.repositories import sources as repo
 from service.repositories.sources import SourceRow
-from service.webhooks import SCHEMES, scheme_for
+from service.webhooks import SCHEMES, SourceConfig, scheme_for
 
 
 class SourceError(ValueError):
@@ -54,43 +60,215 @@ class SourceRegistry:
         return row
 
 
-async def add_source(engine: AsyncEngine, *, name: str, scheme: str, now: dt.datetime) -> CreatedSource:
+def _state(row: SourceRow) -> dict[str, object]:
+    # Counts and configuration only: secrets never go into the audit log.
+    return {
+        "name": row.name,
+        "scheme": row.scheme,
+        "enabled": row.enabled,
+        "live_secrets": len(row.secrets),
+        "config": row.config.model_dump(mode="json", exclude_defaults=True),
+    }
+
+
+async def _audit(
+    conn: AsyncConnection,
+    *,
+    actor: Principal,
+    action: str,
+    name: str,
+    before: SourceRow | None,
+    after: SourceRow | None,
+    reason: str | None,
+    now: dt.datetime,
+) -> None:
+    await append_audit(
+        conn,
+        actor=actor.subject,
+        role=actor.role,
+        action=action,
+        entity="source",
+        entity_id=name,
+        before=None if before is None else _state(before),
+        after=None if after is None else _state(after),
+        reason=reason,
+        now=now,
+    )
+
+
+async def _existing(conn: AsyncConnection, name: str) -> SourceRow:
+    row = await repo.get_source(conn, name)
+    if row is None:
+        raise SourceError(f"no source named {name!r}")
+    return row
+
+
+def _secret(scheme: str, given: str | None) -> str:
+    if given is not None:
+        given = given.strip()
+        if not given or len(given) > 200:
+            raise SourceError("a secret is 1 to 200 characters")
+        return given
+    made = scheme_for(scheme).new_secret()
+    if made is None:
+        raise SourceError(f"{scheme} sources sign with a secret the vendor issues (the app's client secret): give it")
+    return made
+
+
+def source_config(
+    current: SourceConfig | None = None,
+    *,
+    mapping: Mapping[str, Any] | None = None,
+    signature_versions: Sequence[str] | None = None,
+) -> SourceConfig:
+    """A validated source configuration: `current` with the given parts replaced."""
+    data = (current or SourceConfig()).model_dump()
+    if mapping is not None:
+        data["mapping"] = dict(mapping)
+    if signature_versions is not None:
+        data["signature_versions"] = tuple(signature_versions)
+    try:
+        return SourceConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise SourceError(f"invalid source configuration: {problems}") from None
+
+
+def _check_applies(scheme: str, config: SourceConfig | None) -> None:
+    if config is not None and scheme != "hubspot" and config.signature_versions != SourceConfig().signature_versions:
+        raise SourceError("signature versions are a HubSpot setting; this source's scheme has one way to sign")
+
+
+def _stored(config: SourceConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json", exclude_defaults=True)
+
+
+async def add_source(
+    engine: AsyncEngine,
+    *,
+    name: str,
+    scheme: str,
+    now: dt.datetime,
+    secret: str | None = None,
+    config: SourceConfig | None = None,
+    actor: Principal = SYSTEM,
+    reason: str | None = None,
+) -> CreatedSource:
+    """Create a source with its first secret (the one given, else a new one in the scheme's
+    format); audited as `source.created`."""
     if scheme not in SCHEMES:
         raise SourceError(f"unknown scheme {scheme!r}; known: {', '.join(sorted(SCHEMES))}")
-    secret = scheme_for(scheme).new_secret()
-    async with engine.begin() as conn:
+    _check_applies(scheme, config)
+    secret = _secret(scheme, secret)
+    async with write_transaction(engine) as conn:
         if await repo.get_source(conn, name) is not None:
             raise SourceError(f"a source named {name!r} exists")
-        await repo.create_source(conn, name=name, scheme=scheme, secret=secret, now=now)
+        await repo.create_source(
+            conn, name=name, scheme=scheme, secret=secret, now=now, config=_stored(config or SourceConfig())
+        )
+        after = await _existing(conn, name)
+        await _audit(
+            conn, actor=actor, action="source.created", name=name, before=None, after=after, reason=reason, now=now
+        )
     return CreatedSource(name=name, scheme=scheme, secret=secret)
 
 
-async def rotate_source(engine: AsyncEngine, *, name: str, now: dt.datetime) -> CreatedSource:
-    """Add a new secret; the old ones stay valid until `retire_source_secrets`."""
-    async with engine.begin() as conn:
-        row = await repo.get_source(conn, name)
-        if row is None:
-            raise SourceError(f"no source named {name!r}")
-        secret = scheme_for(row.scheme).new_secret()
-        await repo.add_secret(conn, source_id=row.id, secret=secret, now=now)
-    return CreatedSource(name=name, scheme=row.scheme, secret=secret)
+async def configure_source(
+    engine: AsyncEngine,
+    *,
+    name: str,
+    mapping: Mapping[str, Any] | None = None,
+    signature_versions: Sequence[str] | None = None,
+    now: dt.datetime | None = None,
+    actor: Principal = SYSTEM,
+    reason: str | None = None,
+) -> SourceConfig:
+    """Replace the parts given of a source's configuration; returns the whole new configuration.
+    Audited as `source.configured`."""
+    now = now or dt.datetime.now(dt.UTC)
+    async with write_transaction(engine) as conn:
+        before = await _existing(conn, name)
+        config = source_config(before.config, mapping=mapping, signature_versions=signature_versions)
+        _check_applies(before.scheme, config)
+        await repo.set_config(conn, source_id=before.id, config=_stored(config))
+        after = await _existing(conn, name)
+        await _audit(
+            conn, actor=actor, action="source.configured", name=name, before=before, after=after, reason=reason, now=now
+        )
+    return config
 
 
-async def retire_source_secrets(engine: AsyncEngine, *, name: str, now: dt.datetime) -> int:
-    async with engine.begin() as conn:
-        row = await repo.get_source(conn, name)
-        if row is None:
-            raise SourceError(f"no source named {name!r}")
-        return await repo.retire_old_secrets(conn, source_id=row.id, now=now)
+async def rotate_source(
+    engine: AsyncEngine,
+    *,
+    name: str,
+    now: dt.datetime,
+    secret: str | None = None,
+    actor: Principal = SYSTEM,
+    reason: str | None = None,
+) -> CreatedSource:
+    """Add a new secret (the one given, else a new one); the old ones stay valid until
+    `retire_source_secrets`. Audited as `source.secret_rotated`."""
+    async with write_transaction(engine) as conn:
+        before = await _existing(conn, name)
+        secret = _secret(before.scheme, secret)
+        await repo.add_secret(conn, source_id=before.id, secret=secret, now=now)
+        after = await _existing(conn, name)
+        await _audit(
+            conn,
+            actor=actor,
+            action="source.secret_rotated",
+            name=name,
+            before=before,
+            after=after,
+            reason=reason,
+            now=now,
+        )
+    return CreatedSource(name=name, scheme=before.scheme, secret=secret)
 
 
-async def enable_source(engine: AsyncEngine, *, name: str, enabled: bool) -> None:
-    """Turn a source on or off; a disabled source's requests are answered 404 and nothing is stored."""
-    async with engine.begin() as conn:
-        row = await repo.get_source(conn, name)
-        if row is None:
-            raise SourceError(f"no source named {name!r}")
-        await repo.set_enabled(conn, source_id=row.id, enabled=enabled)
+async def retire_source_secrets(
+    engine: AsyncEngine, *, name: str, now: dt.datetime, actor: Principal = SYSTEM, reason: str | None = None
+) -> int:
+    """Retire every live secret but the newest; audited as `source.secrets_retired` when any was."""
+    async with write_transaction(engine) as conn:
+        before = await _existing(conn, name)
+        retired = await repo.retire_old_secrets(conn, source_id=before.id, now=now)
+        if retired:
+            after = await _existing(conn, name)
+            await _audit(
+                conn,
+                actor=actor,
+                action="source.secrets_retired",
+                name=name,
+                before=before,
+                after=after,
+                reason=reason,
+                now=now,
+            )
+        return retired
+
+
+async def enable_source(
+    engine: AsyncEngine,
+    *,
+    name: str,
+    enabled: bool,
+    now: dt.datetime | None = None,
+    actor: Principal = SYSTEM,
+    reason: str | None = None,
+) -> None:
+    """Turn a source on or off; a disabled source's requests are answered 404 and nothing is stored.
+    Audited as `source.enabled` / `source.disabled` when it changes."""
+    now = now or dt.datetime.now(dt.UTC)
+    async with write_transaction(engine) as conn:
+        before = await _existing(conn, name)
+        if before.enabled == enabled:
+            return
+        await repo.set_enabled(conn, source_id=before.id, enabled=enabled)
+        after = await _existing(conn, name)
+        action = "source.enabled" if enabled else "source.disabled"
+        await _audit(conn, actor=actor, action=action, name=name, before=before, after=after, reason=reason, now=now)
 
 
 async def list_all(engine: AsyncEngine) -> list[SourceRow]:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.auth import Principal, authenticate, require_role
 from service.change_requests import ChangeApplier, ChangeControl
 from service.ingest import IngestWriter
+from service.oidc import OidcVerifier
 from service.pipelines import PipelineRegistry
 from service.qualification import PolicyRegistry
 from service.settings import Settings
@@ -33,6 +34,7 @@ class Services:
     applier: ChangeApplier
     limits: WebhookLimits
     migration_head: str | None
+    oidc: OidcVerifier | None = None
 
 
 async def get_services(request: Request) -> Services:
@@ -50,9 +52,11 @@ def utcnow() -> dt.datetime:
 
 async def _principal(
     services: ServicesDep,
-    authorization: Annotated[str | None, Header(description="`Bearer <API key>`")] = None,
+    authorization: Annotated[
+        str | None, Header(description="`Bearer <API key>`, or `Bearer <token>` from the identity provider")
+    ] = None,
 ) -> Principal:
-    return await authenticate(services.engine, authorization, now=utcnow())
+    return await authenticate(services.engine, authorization, now=utcnow(), oidc=services.oidc)
 
 
 async def _viewer(principal: Annotated[Principal, Depends(_principal)]) -> Principal:

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from service.api.deps import ServicesDep
 from service.metrics import DB_ERRORS
+from service.migrate import known_revisions
 from service.responses import JsonResponse
 
 router = APIRouter(tags=["operations"])
@@ -24,7 +25,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "Not ready: database or migrations."}})
 async def readyz(services: ServicesDep) -> Response:
-    """Ready when the database answers and its schema is at the migrations' head."""
+    """Ready when the database answers and its schema is at this release's migrations or ahead of them."""
     try:
         async with services.engine.connect() as conn:
             version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).scalar()
@@ -34,7 +35,10 @@ async def readyz(services: ServicesDep) -> Response:
             {"status": "unavailable", "database": "unreachable", "detail": type(exc).__name__},
             status_code=503,
         )
-    if version != services.migration_head:
+    # Behind (a revision this code knows, short of its head, or none): the migration job has not
+    # run yet. Ahead (a revision it does not know): a newer release has migrated first, and this
+    # replica keeps serving until it is replaced, which is why migrations stay backward compatible.
+    if version != services.migration_head and (version is None or version in known_revisions()):
         return JsonResponse(
             {
                 "status": "unavailable",
@@ -44,7 +48,7 @@ async def readyz(services: ServicesDep) -> Response:
             },
             status_code=503,
         )
-    return JsonResponse({"status": "ok", "database": "ok", "migration": version})
+    return JsonResponse({"status": "ok", "database": "ok", "migration": version, "head": services.migration_head})
 
 
 @router.get("/metrics", include_in_schema=False)

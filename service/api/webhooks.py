@@ -14,9 +14,10 @@ from starlette.types import Receive, Scope, Send
 from service.api.deps import Services, utcnow
 from service.errors import LeadscoreError
 from service.events import ErrorBody, EventAccepted, LeadEvent
-from service.ingest import IngestResult
 from service.metrics import HTTP_DURATION
 from service.responses import JsonResponse
+from service.webhooks.base import RequestLine
+from service.webhooks.receive import Received
 from service.webhooks.receive import receive as receive_events
 
 log = structlog.get_logger(__name__)
@@ -55,6 +56,7 @@ def openapi_path() -> tuple[dict[str, Any], list[type[BaseModel]]]:
                         "oneOf": [
                             {"$ref": "#/components/schemas/LeadEvent"},
                             {"type": "array", "items": {"$ref": "#/components/schemas/LeadEvent"}, "maxItems": 500},
+                            {"type": ["object", "array"], "description": "A vendor source's own body."},
                         ]
                     }
                 }
@@ -84,6 +86,9 @@ def is_webhook(scope: Scope) -> bool:
 async def receive_webhook(services: Services, scope: Scope, receive: Receive, send: Send) -> None:
     """Receive lead events from a signed webhook; 202 once stored, 200 for a repeat.
 
+    The body is the canonical `LeadEvent` (or a list) for `standard` sources, and the vendor's own body
+    for `hubspot`, `segment`, `rudderstack`, `mautic` and `marketo` sources, mapped to lead events.
+
     A raw ASGI handler, called by the app before any middleware or routing: this is the hot route,
     and the framework's layers (routing, dependencies, middleware, request and response objects)
     cost more CPU than everything the route itself does (measured per request without storage:
@@ -94,7 +99,8 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
     status = 500
     try:
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])}
-        result = await receive_events(
+        raw_path = scope.get("raw_path")
+        received = await receive_events(
             source_name=unquote(scope["path"][len(PATH_PREFIX) :]),
             headers=headers,
             chunks=_body(receive),
@@ -102,9 +108,18 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
             writer=services.writer,
             limits=services.limits,
             now=utcnow(),
+            request=RequestLine(
+                method=scope["method"],
+                scheme=scope.get("scheme", "http"),
+                host=headers.get("host"),
+                # ASGI's raw_path has no query, but some servers (httpx's transport) leave it on.
+                raw_path=raw_path.split(b"?", 1)[0].decode("latin-1") if raw_path else scope["path"],
+                query=scope.get("query_string", b"").decode("latin-1"),
+                public_base_url=services.limits.public_base_url,
+            ),
         )
-        status = 200 if result.duplicate else 202
-        await _respond(send, status, _accepted(result))
+        status = 200 if received.result.duplicate else 202
+        await _respond(send, status, _accepted(received))
     except LeadscoreError as exc:
         status = exc.status
         await _respond(send, status, {"error": type(exc).__name__, "detail": exc.detail}, exc.response_headers())
@@ -118,7 +133,8 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
         HTTP_DURATION.labels("POST", ROUTE, str(status)).observe(time.perf_counter() - started)
 
 
-def _accepted(result: IngestResult) -> dict[str, Any]:
+def _accepted(received: Received) -> dict[str, Any]:
+    result = received.result
     lead_ids = set(result.lead_ids)
     single = next(iter(lead_ids)) if len(lead_ids) == 1 else None
     current = result.scores.get(single) if single is not None else None
@@ -133,6 +149,7 @@ def _accepted(result: IngestResult) -> dict[str, Any]:
         "event_ids": result.event_ids,
         "duplicate": result.duplicate,
         "duplicates": result.duplicates,
+        **({"skipped": received.skipped} if received.skipped else {}),
     }
 
 

@@ -98,6 +98,7 @@ class _SqliteStatements:
     )
 
 
+_BEGIN = sa.text("SELECT 1")
 _LOCK = sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) AS t(k)")
 
 
@@ -105,7 +106,12 @@ async def lock_names(conn: AsyncConnection, keys: Iterable[int]) -> None:
     """Take transaction-scoped advisory locks on PostgreSQL, in a fixed order (no deadlock between
     batches). SQLite needs none: `BEGIN IMMEDIATE` already serialises writers."""
     ordered = sorted(set(keys))
-    if conn.dialect.name != "postgresql" or not ordered:
+    if conn.dialect.name != "postgresql":
+        return
+    if not ordered:
+        # Nothing to lock (a vendor body that mapped to no event): the transaction must still begin
+        # here, as the driver statements that follow run inside it.
+        await conn.execute(_BEGIN)
         return
     await conn.execute(_LOCK, {"keys": ordered})
 

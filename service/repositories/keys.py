@@ -58,15 +58,26 @@ async def insert_key(
 
 
 async def use_key(conn: AsyncConnection, *, key_hash: str, now: dt.datetime) -> ApiKeyRow | None:
-    """The live key with this hash, marking it used now; None if unknown, revoked or expired."""
-    row = (await conn.execute(sa.select(api_key).where(api_key.c.key_hash == key_hash))).one_or_none()
-    if row is None:
-        return None
-    key = _row(row)
-    if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
-        return None
-    await conn.execute(api_key.update().where(api_key.c.id == key.id).values(last_used_at=now))
-    return key
+    """The live key with this hash, marking it used now; None if unknown, revoked or expired.
+
+    One UPDATE ... RETURNING: the check and the mark are atomic, and on SQLite the statement takes
+    the write lock at once instead of upgrading a read (which fails, not waits, under a writer).
+    """
+    c = api_key.c
+    row = (
+        await conn.execute(
+            api_key.update()
+            .where(c.key_hash == key_hash, c.revoked_at.is_(None), sa.or_(c.expires_at.is_(None), c.expires_at > now))
+            .values(last_used_at=now)
+            .returning(*api_key.c)
+        )
+    ).one_or_none()
+    return None if row is None else _row(row)
+
+
+async def get_key(conn: AsyncConnection, key_id: int) -> ApiKeyRow | None:
+    row = (await conn.execute(sa.select(api_key).where(api_key.c.id == key_id))).one_or_none()
+    return None if row is None else _row(row)
 
 
 async def list_keys(conn: AsyncConnection) -> list[ApiKeyRow]:

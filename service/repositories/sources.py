@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.repositories.tables import source, source_secret
+from service.webhooks.base import DEFAULT_CONFIG, SourceConfig
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class SourceRow:
     enabled: bool
     secrets: tuple[str, ...]
     created_at: dt.datetime
+    config: SourceConfig = field(default=DEFAULT_CONFIG)
 
 
 async def get_source(conn: AsyncConnection, name: str) -> SourceRow | None:
@@ -33,7 +36,15 @@ async def get_source(conn: AsyncConnection, name: str) -> SourceRow | None:
             .order_by(source_secret.c.id.desc())
         )
     ).scalars()
-    return SourceRow(row.id, row.name, row.scheme, row.enabled, tuple(secrets), row.created_at)
+    return SourceRow(
+        row.id,
+        row.name,
+        row.scheme,
+        row.enabled,
+        tuple(secrets),
+        row.created_at,
+        SourceConfig.model_validate(row.config or {}),
+    )
 
 
 async def list_sources(conn: AsyncConnection) -> list[SourceRow]:
@@ -42,11 +53,19 @@ async def list_sources(conn: AsyncConnection) -> list[SourceRow]:
     return [row for row in rows if row is not None]
 
 
-async def create_source(conn: AsyncConnection, *, name: str, scheme: str, secret: str, now: dt.datetime) -> int:
+async def create_source(
+    conn: AsyncConnection,
+    *,
+    name: str,
+    scheme: str,
+    secret: str,
+    now: dt.datetime,
+    config: dict[str, Any] | None = None,
+) -> int:
     source_id: int = (
         await conn.execute(
             source.insert()
-            .values(name=name, scheme=scheme, enabled=True, config={}, created_at=now)
+            .values(name=name, scheme=scheme, enabled=True, config=config or {}, created_at=now)
             .returning(source.c.id)
         )
     ).scalar_one()
@@ -83,3 +102,7 @@ async def retire_old_secrets(conn: AsyncConnection, *, source_id: int, now: dt.d
 
 async def set_enabled(conn: AsyncConnection, *, source_id: int, enabled: bool) -> None:
     await conn.execute(source.update().where(source.c.id == source_id).values(enabled=enabled))
+
+
+async def set_config(conn: AsyncConnection, *, source_id: int, config: dict[str, Any]) -> None:
+    await conn.execute(source.update().where(source.c.id == source_id).values(config=config))

@@ -1,5 +1,19 @@
-"""Webhook signature schemes, one per sender family, chosen per source by name."""
+"""Webhook sources: a signature scheme and a body mapper per sender family, chosen per source by name."""
 
-from service.webhooks.schemes import SCHEMES, SignatureScheme, StandardWebhooks, Verified, scheme_for
+from service.webhooks.base import BodyMapper, Mapped, RequestLine, SignatureScheme, SourceConfig, Verified
+from service.webhooks.schemes import MAPPERS, SCHEMES, mapper_for, scheme_for
+from service.webhooks.standard import StandardWebhooks
 
-__all__ = ["SCHEMES", "SignatureScheme", "StandardWebhooks", "Verified", "scheme_for"]
+__all__ = [
+    "MAPPERS",
+    "SCHEMES",
+    "BodyMapper",
+    "Mapped",
+    "RequestLine",
+    "SignatureScheme",
+    "SourceConfig",
+    "StandardWebhooks",
+    "Verified",
+    "mapper_for",
+    "scheme_for",
+]

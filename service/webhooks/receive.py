@@ -1,33 +1,24 @@
 """The webhook use case: from an HTTP request's parts to stored events.
 
 Order of checks: the source exists and is enabled (404), the body fits (413, enforced while
-reading), it says it is JSON (415), the signature over the raw bytes is valid and fresh (401),
-and only then is the body parsed (422). Nothing is stored for a rejected request.
+reading), it says it is JSON (415), the request is the sender's (signature or token, fresh where the
+scheme carries a time: 401), and only then is the body parsed and mapped to canonical events (422).
+Nothing is stored for a rejected request.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-import orjson
-from pydantic import TypeAdapter, ValidationError
-
-from service.errors import (
-    InvalidEvent,
-    InvalidJson,
-    PayloadTooLarge,
-    UnknownSource,
-    UnsupportedMediaType,
-)
-from service.events import LeadEvent
-from service.ingest import IngestJob, IngestResult, IngestWriter, event_keys
+from service.errors import PayloadTooLarge, UnknownSource, UnsupportedMediaType
+from service.ingest import IngestJob, IngestResult, IngestWriter
 from service.metrics import WEBHOOK_EVENTS
 from service.sources import SourceRegistry
-from service.webhooks.schemes import scheme_for
-
-_events_adapter = TypeAdapter(list[LeadEvent])
+from service.webhooks.base import RequestLine
+from service.webhooks.schemes import mapper_for, scheme_for
 
 
 @dataclass(frozen=True)
@@ -35,6 +26,15 @@ class WebhookLimits:
     max_body_bytes: int
     max_events: int
     tolerance: dt.timedelta
+    public_base_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Received:
+    """What was stored, and the items of a vendor body that carried no lead event."""
+
+    result: IngestResult
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def read_limited(chunks: AsyncIterator[bytes], *, content_length: str | None, limit: int) -> bytes:
@@ -54,57 +54,6 @@ def is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def parse_events(body: bytes, *, max_events: int) -> list[LeadEvent]:
-    """One event or a list of events; `InvalidJson` / `InvalidEvent` naming each bad field."""
-    if body[:1] == b"{":
-        # The common case, validated straight from the bytes (no intermediate dict).
-        try:
-            return [LeadEvent.model_validate_json(body)]
-        except ValidationError as exc:
-            if not any(e["type"] == "json_invalid" for e in exc.errors()):
-                raise InvalidEvent(_field_errors(exc)) from None
-            # Not JSON after all: fall through for the same message as any other bad JSON.
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
-    try:
-        if isinstance(data, list):
-            if not data:
-                raise InvalidEvent([{"loc": "", "msg": "the list of events is empty", "type": "too_short"}])
-            if len(data) > max_events:
-                raise InvalidEvent([{"loc": "", "msg": f"at most {max_events} events per request", "type": "too_long"}])
-            return _events_adapter.validate_python(data)
-        return [LeadEvent.model_validate(data)]
-    except ValidationError as exc:
-        raise InvalidEvent(_field_errors(exc)) from None
-
-
-def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
-    return [
-        {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]}
-        for e in exc.errors(include_url=False, include_input=False)
-    ]
-
-
-# Traits keep the value with the latest event time, so an event dated far ahead would pin them.
-MAX_FUTURE = dt.timedelta(days=1)
-
-
-def _refuse_future(events: list[LeadEvent], now: dt.datetime) -> None:
-    late = [
-        {
-            "loc": f"{i}.occurred_at" if len(events) > 1 else "occurred_at",
-            "msg": "more than a day in the future",
-            "type": "future",
-        }
-        for i, event in enumerate(events)
-        if event.occurred_at > now + MAX_FUTURE
-    ]
-    if late:
-        raise InvalidEvent(late)
-
-
 async def receive(
     *,
     source_name: str,
@@ -114,8 +63,9 @@ async def receive(
     writer: IngestWriter,
     limits: WebhookLimits,
     now: dt.datetime,
-) -> IngestResult:
-    """Verify, parse and store one webhook request; raises a `LeadscoreError` for a rejection."""
+    request: RequestLine,
+) -> Received:
+    """Verify, map and store one webhook request; raises a `LeadscoreError` for a rejection."""
     source = await registry.get(source_name)
     if source is None or not source.enabled:
         WEBHOOK_EVENTS.labels("_unknown", "unknown_source").inc()
@@ -127,22 +77,25 @@ async def receive(
         if not is_json(content_type):
             raise UnsupportedMediaType("send the events as application/json")
         verified = scheme_for(source.scheme).verify(
-            headers=headers, body=body, secrets=source.secrets, now=now, tolerance=limits.tolerance
+            headers=headers,
+            body=body,
+            secrets=source.secrets,
+            now=now,
+            tolerance=limits.tolerance,
+            request=request,
+            config=source.config,
         )
-        events = parse_events(body, max_events=limits.max_events)
-        _refuse_future(events, now)
-        try:
-            keys = event_keys(events, verified.webhook_id)
-        except ValueError as exc:
-            raise InvalidEvent([{"loc": "id", "msg": str(exc), "type": "missing"}]) from None
+        mapped = mapper_for(source.scheme).map(
+            body, verified=verified, config=source.config, now=now, max_events=limits.max_events
+        )
         result = await writer.submit(
             IngestJob(
                 source_id=source.id,
                 webhook_id=verified.webhook_id,
                 content_type=content_type or "",
                 body=body,
-                events=events,
-                event_keys=keys,
+                events=mapped.events,
+                event_keys=mapped.keys,
                 received_at=now,
             )
         )
@@ -154,4 +107,6 @@ async def receive(
         WEBHOOK_EVENTS.labels(label, "accepted").inc(new)
     if new < len(result.duplicates):
         WEBHOOK_EVENTS.labels(label, "duplicate").inc(len(result.duplicates) - new)
-    return result
+    if mapped.skipped:
+        WEBHOOK_EVENTS.labels(label, "skipped").inc(len(mapped.skipped))
+    return Received(result=result, skipped=mapped.skipped)

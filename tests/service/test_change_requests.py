@@ -57,18 +57,27 @@ async def test_viewer_cannot_propose_and_anonymous_cannot_read(env: Env) -> None
 
 async def test_self_approval_is_refused_and_another_identity_applies_it(env: Env, db: Db) -> None:
     created = await propose(env, policy_change(policy(score_line("score", "gte", 50))))
-    assert (created["status"], created["author"], created["approved_by"]) == ("pending", "key:1:ana", None)
+    assert (created["status"], created["author"], created["approved_by"]) == ("pending", "key:1", None)
     assert await db.scalar("SELECT count(*) FROM threshold_policy") == 0
     own = await env.client.post(f"{URL}/{created['id']}/approve", headers=env.ops)
     assert (own.status_code, own.json()["error"]) == (403, "SelfApprovalRefused")
     assert (await env.client.post(f"{URL}/{created['id']}/approve", headers=env.viewer)).status_code == 403
     applied = await approve(env, created["id"])
-    assert (applied["status"], applied["approved_by"], applied["applied_by"]) == ("applied", "key:2:bo", "key:2:bo")
+    assert (applied["status"], applied["approved_by"], applied["applied_by"]) == ("applied", "key:2", "key:2")
     assert applied["before"] == {"target": "threshold_policy", "version": None}
     assert applied["result"] == {"target": "threshold_policy", "version": 1}
     assert await db.scalar("SELECT policy_id FROM threshold_policy_slot WHERE slot = 'active'") == 1
     again = await env.client.post(f"{URL}/{created['id']}/approve", headers=env.ops2)
     assert (again.status_code, again.json()["error"]) == (409, "ChangeRequestConflict")
+    # Every event is in the audit log; the refused ones changed nothing, so they are not.
+    audited = await db.rows(
+        "SELECT actor, role, action, entity_id, reason FROM audit_entry WHERE entity = 'change_request' ORDER BY id"
+    )
+    assert [tuple(r) for r in audited] == [
+        ("key:1", "ops", "change_request.proposed", str(created["id"]), "tune MQL"),
+        ("key:2", "ops", "change_request.approved", str(created["id"]), None),
+        ("key:2", "ops", "change_request.applied", str(created["id"]), "tune MQL"),
+    ]
     # An applied policy version is immutable in the database.
     with pytest.raises(Exception, match="immutable"):
         await db.scalar("UPDATE threshold_policy SET name = 'x'")
@@ -94,14 +103,14 @@ async def test_bad_proposals_are_refused_with_the_field(env: Env) -> None:
     assert downstream_alone.status_code == 422
 
 
-async def test_reject_and_withdraw(env: Env) -> None:
+async def test_reject_and_withdraw(env: Env, db: Db) -> None:
     first = await propose(env, policy_change(policy(score_line("score", "gte", 50))))
     not_mine = await env.client.post(f"{URL}/{first['id']}/withdraw", json={"reason": "no"}, headers=env.ops2)
     assert (not_mine.status_code, not_mine.json()["error"]) == (403, "NotTheAuthor")
     rejected = await env.client.post(f"{URL}/{first['id']}/reject", json={"reason": "too low"}, headers=env.ops2)
     assert (rejected.json()["status"], rejected.json()["closed_by"], rejected.json()["close_reason"]) == (
         "rejected",
-        "key:2:bo",
+        "key:2",
         "too low",
     )
     late = await env.client.post(f"{URL}/{first['id']}/approve", headers=env.ops2)
@@ -109,6 +118,13 @@ async def test_reject_and_withdraw(env: Env) -> None:
     second = await propose(env, policy_change(policy(score_line("score", "gte", 60))))
     withdrawn = await env.client.post(f"{URL}/{second['id']}/withdraw", json={"reason": "typo"}, headers=env.ops)
     assert withdrawn.json()["status"] == "withdrawn"
+    actions = await db.rows("SELECT action, reason FROM audit_entry WHERE entity = 'change_request' ORDER BY id")
+    assert [tuple(r) for r in actions] == [
+        ("change_request.proposed", "tune MQL"),
+        ("change_request.rejected", "too low"),
+        ("change_request.proposed", "tune MQL"),
+        ("change_request.withdrawn", "typo"),
+    ]
     listed = (await env.client.get(URL, params={"status": ["rejected"]}, headers=env.viewer)).json()
     assert [r["id"] for r in listed] == [first["id"]]
     both = (await env.client.get(URL, params={"status": ["rejected", "withdrawn"]}, headers=env.viewer)).json()
@@ -134,6 +150,7 @@ async def test_scheduled_apply_happens_at_its_time(env: Env, db: Db) -> None:
     assert sorted(results) == [[], [created["id"]]]
     done = (await env.client.get(f"{URL}/{created['id']}", headers=env.viewer)).json()
     assert (done["status"], done["applied_by"]) == ("applied", "scheduler")
+    assert await db.scalar("SELECT actor FROM audit_entry WHERE action = 'change_request.applied'") == "scheduler"
     assert dt.datetime.fromisoformat(done["applied_at"]) in (at, at + dt.timedelta(seconds=1))
     assert await db.scalar("SELECT count(*) FROM threshold_policy") == 1
 
@@ -287,8 +304,8 @@ async def test_rollback_restores_an_earlier_policy(env: Env, db: Db) -> None:
     assert await db.scalar("SELECT policy_id FROM threshold_policy_slot") == 1
     policies = (await env.client.get("/v1/thresholds/policies", headers=env.viewer)).json()
     assert [(p["version"], p["active"], p["change_request_id"], p["created_by"]) for p in policies] == [
-        (1, True, 1, "key:1:ana"),
-        (2, False, 2, "key:1:ana"),
+        (1, True, 1, "key:1"),
+        (2, False, 2, "key:1"),
     ]
 
 

@@ -51,13 +51,13 @@ def test_sources_add_list_rotate_retire(cli: CliRunner, db_url: str) -> None:
     assert isinstance(created, dict)
     assert created["secret"].startswith("whsec_")
     assert run(cli, "sources", "list") == [
-        {"name": "hubspot-eu", "scheme": "standard", "enabled": True, "live_secrets": 1}
+        {"name": "hubspot-eu", "scheme": "standard", "enabled": True, "live_secrets": 1, "config": {}}
     ]
     rotated = run(cli, "sources", "rotate", "hubspot-eu")
     assert isinstance(rotated, dict)
     assert rotated["secret"] != created["secret"]
     assert run(cli, "sources", "list") == [
-        {"name": "hubspot-eu", "scheme": "standard", "enabled": True, "live_secrets": 2}
+        {"name": "hubspot-eu", "scheme": "standard", "enabled": True, "live_secrets": 2, "config": {}}
     ]
     assert run(cli, "sources", "retire", "hubspot-eu") == {"name": "hubspot-eu", "retired": 1}
     [live] = rows(db_url, "SELECT secret FROM source_secret WHERE retired_at IS NULL")

@@ -11,7 +11,10 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 
+from service import migrate
 from service.app import create_app
 from service.db import create_engine
 from service.errors import StorageUnavailable
@@ -332,14 +335,35 @@ async def test_readyz_and_healthz(client: httpx.AsyncClient) -> None:
     assert ready.json()["database"] == "ok"
 
 
-async def test_readyz_is_503_when_schema_is_behind(client: httpx.AsyncClient, db: Db) -> None:
+async def _set_schema_version(db: Db, version: str) -> None:
     async with db.engine.begin() as conn:
-        from sqlalchemy import text
+        await conn.execute(sa.text("UPDATE alembic_version SET version_num = :v"), {"v": version})
 
-        await conn.execute(text("UPDATE alembic_version SET version_num = 'older'"))
+
+async def test_readyz_is_503_when_schema_is_behind(client: httpx.AsyncClient, db: Db) -> None:
+    # The migration job of this release has not run: the database is at an earlier revision.
+    head = migrate.head()
+    assert head is not None
+    previous = ScriptDirectory(str(migrate.MIGRATIONS_DIR)).get_revision(head).down_revision
+    assert isinstance(previous, str)
+    await _set_schema_version(db, previous)
     ready = await client.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json()["migration"] == "older"
+    assert ready.json() == {"status": "unavailable", "database": "ok", "migration": previous, "head": head}
+
+
+async def test_readyz_stays_ready_when_a_newer_release_has_migrated(client: httpx.AsyncClient, db: Db) -> None:
+    # A rolling upgrade migrates before it replaces this replica: a revision this code does not
+    # know is ahead of it, and the replica keeps serving until it is replaced.
+    await _set_schema_version(db, "9999_from_a_newer_release")
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ok",
+        "database": "ok",
+        "migration": "9999_from_a_newer_release",
+        "head": migrate.head(),
+    }
 
 
 async def test_metrics_count_events_by_source_and_outcome(client: httpx.AsyncClient, sender: Sender) -> None:

@@ -124,7 +124,7 @@ async def test_demotion_with_hysteresis(env: Env, sender: Sender, db: Db, traine
     assert [tuple(r) for r in rows] == [("lead", "sql"), ("sql", "mql")]
 
 
-async def test_ops_moves_forward_freely_and_back_with_a_reason(env: Env, sender: Sender) -> None:
+async def test_ops_moves_forward_freely_and_back_with_a_reason(env: Env, sender: Sender, db: Db) -> None:
     lead_id = (await sender.post(env.client, lead_event(traits=GOOD))).json()["lead_id"]
     url = f"/v1/leads/{lead_id}/stage"
     up = await env.client.post(url, json={"stage": "sql", "reason": "talked at the fair"}, headers=env.ops)
@@ -134,7 +134,7 @@ async def test_ops_moves_forward_freely_and_back_with_a_reason(env: Env, sender:
         "from_stage": "lead",
         "to_stage": "sql",
         "cause": "ops",
-        "actor": "key:1:ana",
+        "actor": "key:1",
         "reason": "talked at the fair",
         "downstream": True,
     }
@@ -154,6 +154,12 @@ async def test_ops_moves_forward_freely_and_back_with_a_reason(env: Env, sender:
     assert unknown.status_code == 404
     lead = (await env.client.get(f"/v1/leads/{lead_id}", headers=env.viewer)).json()
     assert lead["stage"] == "disqualified"
+    audited = await db.rows("SELECT actor, action, entity_id, before, after, reason FROM audit_entry ORDER BY id")
+    moves = [r for r in audited if r.action == "lead.stage_moved"]
+    assert [(r.actor, r.entity_id, r.reason) for r in moves] == [
+        ("key:1", lead_id, "talked at the fair"),
+        ("key:1", lead_id, "competitor"),
+    ]
     assert [(t["from_stage"], t["to_stage"]) for t in lead["transitions"]] == [("sql", "disqualified"), ("lead", "sql")]
 
 

@@ -1,0 +1,306 @@
+"""What every webhook source shares: the request a scheme verifies, the source's configuration,
+what a mapper returns, and the helpers the vendor mappers build canonical events with.
+
+A source is a pair: a **signature scheme** (does this request come from the sender?) and a **body
+mapper** (which canonical `LeadEvent`s does its body say happened, and under which deduplication
+keys?). Both are chosen by the source's `scheme` name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable, Mapping, Sequence, Sized
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Protocol
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from service.errors import InvalidEvent, InvalidJson, InvalidSignature
+from service.events import LeadEvent
+
+TraitName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class SourceConfig(BaseModel):
+    """A source's settings, kept in `source.config` (JSON)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mapping: dict[TraitName, TraitName | None] = Field(
+        default_factory=dict,
+        description="Vendor property -> canonical trait name; null drops the property. Properties not "
+        "named keep their vendor name.",
+    )
+    signature_versions: tuple[Literal["v1", "v2", "v3"], ...] = Field(
+        default=("v3",),
+        min_length=1,
+        description="HubSpot only: which signature versions are accepted. v1 and v2 carry no timestamp "
+        "(a captured request can be replayed), so they are accepted only when listed here.",
+    )
+
+
+DEFAULT_CONFIG = SourceConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLine:
+    """Where the request was sent: what a scheme that signs the URL needs (HubSpot)."""
+
+    method: str
+    scheme: str
+    host: str | None
+    raw_path: str
+    query: str
+    public_base_url: str | None = None
+
+    def public_url(self) -> str:
+        """The URL as the sender addressed it: `LEADSCORE_PUBLIC_BASE_URL` (scheme, host and any path
+        prefix a proxy strips) when set, else the scheme and `Host` this process saw, then the path and
+        query exactly as received (still percent-encoded)."""
+        if self.public_base_url:
+            base = self.public_base_url.rstrip("/")
+        else:
+            base = f"{self.scheme}://{self.host or 'localhost'}"
+        return base + self.raw_path + (f"?{self.query}" if self.query else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """What a valid signature vouches for."""
+
+    webhook_id: str | None
+    signed_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """A body mapped to canonical events, each with its deduplication key, and the items of the body
+    that carry no lead event (`{"index", "reason"}`); those are kept in the stored raw body."""
+
+    events: list[LeadEvent]
+    keys: list[str]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+
+class SignatureScheme(Protocol):
+    name: str
+
+    def new_secret(self) -> str | None:
+        """A fresh secret in the scheme's own format, or None when the vendor issues it (HubSpot's app
+        client secret) and it has to be given."""
+        ...
+
+    def verify(
+        self,
+        *,
+        headers: Mapping[str, str],
+        body: bytes,
+        secrets: Sequence[str],
+        now: dt.datetime,
+        tolerance: dt.timedelta,
+        request: RequestLine,
+        config: SourceConfig,
+    ) -> Verified:
+        """Return what the signature vouches for, or raise `InvalidSignature`."""
+        ...
+
+
+class BodyMapper(Protocol):
+    def map(
+        self, body: bytes, *, verified: Verified, config: SourceConfig, now: dt.datetime, max_events: int
+    ) -> Mapped:
+        """The canonical events of a verified body; raises `InvalidJson` / `InvalidEvent` when the body
+        is not the vendor's shape at all. Items that cannot be mapped are listed in `skipped`."""
+        ...
+
+
+# --- helpers for schemes -------------------------------------------------------------------------
+
+
+def matches_any(expected: Iterable[bytes], candidate: bytes) -> bool:
+    """Whether `candidate` equals any of `expected`, comparing against every one in constant time so
+    the time taken does not tell which secret (if any) matched."""
+    matched = False
+    for value in expected:
+        matched |= hmac.compare_digest(value, candidate)
+    return matched
+
+
+def require_secrets(secrets: Sequence[str]) -> None:
+    # An empty secret list means the source accepts nothing, never "accept all".
+    if not any(secrets):
+        raise InvalidSignature("the source has no live secret")
+
+
+# --- helpers for mappers -------------------------------------------------------------------------
+
+# Traits keep the value with the latest event time, so an event dated far ahead would pin them.
+MAX_FUTURE = dt.timedelta(days=1)
+_KEY_LIMIT = 200  # inbound_event.external_id
+
+
+class Unmappable(ValueError):
+    """One item of a vendor body that carries no lead event; it is skipped, with this reason."""
+
+
+def load_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+
+
+def check_count(items: Sized, max_events: int, *, allow_empty: bool = False) -> None:
+    """Refuse a body with more items than one request may carry (as for canonical lists)."""
+    if not items and not allow_empty:
+        raise InvalidEvent([{"loc": "", "msg": "the body carries no events", "type": "too_short"}])
+    if len(items) > max_events:
+        raise InvalidEvent([{"loc": "", "msg": f"at most {max_events} events per request", "type": "too_long"}])
+
+
+def digest(value: Any) -> str:
+    """sha256 of a JSON value in a canonical form (sorted keys): equal content, equal digest."""
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def bounded_key(key: str) -> str:
+    """A deduplication key that fits the column: longer ones are replaced by their digest."""
+    if len(key) <= _KEY_LIMIT:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_time(value: Any, *, what: str) -> dt.datetime:
+    """A vendor time: epoch milliseconds (int or digit string) or ISO 8601. A time without offset is
+    taken as UTC (vendors that send one mean UTC)."""
+    if isinstance(value, bool) or value is None or value == "":
+        raise Unmappable(f"{what} is missing")
+    if isinstance(value, int | float) or (isinstance(value, str) and value.isdigit()):
+        try:
+            return dt.datetime.fromtimestamp(float(value) / 1000, dt.UTC)
+        except (OverflowError, ValueError, OSError):
+            raise Unmappable(f"{what} is not a time: {value!r}") from None
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise Unmappable(f"{what} is not a time: {value!r}") from None
+        return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
+    raise Unmappable(f"{what} is not a time: {value!r}")
+
+
+def first_time(candidates: Iterable[tuple[str, Any]], *, default: dt.datetime) -> dt.datetime:
+    """The first candidate that is present and parses; `default` when none is present."""
+    for what, value in candidates:
+        if value not in (None, ""):
+            return parse_time(value, what=what)
+    return default
+
+
+def scalar_traits(values: Mapping[str, Any], *, prefix: str = "", empty_is_none: bool = False) -> dict[str, Any]:
+    """Flat scalar traits: nested objects become dotted names (`address.city`); lists are left out
+    (they stay in the raw body)."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if not key or len(key) > 200:
+            continue
+        if isinstance(value, dict):
+            out.update(scalar_traits(value, prefix=f"{key}.", empty_is_none=empty_is_none))
+        elif value is None or isinstance(value, str | int | float | bool):
+            out[key] = None if empty_is_none and value == "" else value
+    return out
+
+
+def as_object(value: Any) -> dict[str, Any]:
+    """`value` when it is a JSON object, else an empty one (vendors send null or [] for "none")."""
+    return value if isinstance(value, dict) else {}
+
+
+def apply_mapping(traits: Mapping[str, Any], mapping: Mapping[str, str | None]) -> dict[str, Any]:
+    """Rename traits by the source's mapping (vendor property -> canonical trait; None drops it)."""
+    if not mapping:
+        return dict(traits)
+    out: dict[str, Any] = {}
+    for name, value in traits.items():
+        target = mapping.get(name, name)
+        if target is not None:
+            out[target] = value
+    return out
+
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def email_or_none(value: Any) -> str | None:
+    """An email address worth matching on, or None (vendors send empty strings and placeholders)."""
+    if isinstance(value, str) and _EMAIL.match(value.strip()) and len(value) <= 320:
+        return value.strip()
+    return None
+
+
+def external_id(value: Any) -> str | None:
+    """A vendor id as the text an identity is stored as (numbers included), or None when absent."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and value.strip() and len(value.strip()) <= 200:
+        return value.strip()
+    return None
+
+
+def subject(email: Any = None, **external_ids: Any) -> dict[str, Any]:
+    """A canonical subject from what the vendor gave; raises `Unmappable` when it names nobody."""
+    out: dict[str, Any] = {}
+    address = email_or_none(email)
+    if address:
+        out["email"] = address
+    ids = {ns: value for ns, raw in external_ids.items() if (value := external_id(raw)) is not None}
+    if ids:
+        out["external_ids"] = ids
+    if not out:
+        raise Unmappable("names no one: no email and no id")
+    return out
+
+
+class EventBuilder:
+    """Collects a vendor body's events: each item is validated as a canonical event on its own, so one
+    bad item is skipped (with its reason) without losing the others."""
+
+    def __init__(self, *, config: SourceConfig, now: dt.datetime) -> None:
+        self._mapping = config.mapping
+        self._now = now
+        self.events: list[LeadEvent] = []
+        self.keys: list[str] = []
+        self.skipped: list[dict[str, Any]] = []
+
+    def add(self, index: int | str, key: str, event: dict[str, Any]) -> None:
+        if "traits" in event:
+            event["traits"] = apply_mapping(event["traits"], self._mapping)
+        try:
+            parsed = LeadEvent.model_validate(event)
+        except ValidationError as exc:
+            errors = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'event'}: {e['msg']}" for e in exc.errors(include_url=False)
+            )
+            self.skip(index, f"not a valid lead event ({errors})")
+            return
+        if parsed.occurred_at > self._now + MAX_FUTURE:
+            self.skip(index, "occurred more than a day in the future")
+            return
+        # The same key twice in one body is stored once; the writer answers the second as a duplicate.
+        self.events.append(parsed)
+        self.keys.append(bounded_key(key))
+
+    def skip(self, index: int | str, reason: str) -> None:
+        self.skipped.append({"index": index, "reason": reason})
+
+    def result(self) -> Mapped:
+        return Mapped(events=self.events, keys=self.keys, skipped=self.skipped)

@@ -1,0 +1,287 @@
+"""HubSpot: app webhooks (arrays of id-only events) and workflow webhooks (a contact's JSON).
+
+Signature v3: `X-HubSpot-Signature-v3` is the base64 HMAC-SHA256, keyed by the app's client secret,
+of `method + URI + body + X-HubSpot-Request-Timestamp` (milliseconds), where the URI is the full URL
+HubSpot called with the characters of HubSpot's table decoded. v1 (`sha256(secret + body)`) and v2
+(`sha256(secret + method + URI + body)`), hex in `X-HubSpot-Signature` with the version in
+`X-HubSpot-Signature-Version`, carry no timestamp: they are accepted only when the source lists them.
+
+App webhook events carry ids, not the contact: a property change says which property now has which
+value. They are stored as they come and score on what arrived. Fetching the contact's other
+properties is the job of a HubSpot API adapter (`service/crm/`, not part of this module): the seam
+is `contact_ids(events)`, the HubSpot object ids an adapter would read, and the lead's external id
+`hubspot` that ties its answer back to the lead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from service.errors import InvalidEvent, InvalidSignature
+from service.events import LeadEvent
+from service.webhooks.base import (
+    EventBuilder,
+    Mapped,
+    RequestLine,
+    SourceConfig,
+    Unmappable,
+    Verified,
+    check_count,
+    digest,
+    email_or_none,
+    external_id,
+    first_time,
+    load_json,
+    matches_any,
+    parse_time,
+    require_secrets,
+    scalar_traits,
+    subject,
+)
+
+NAMESPACE = "hubspot"
+
+# HubSpot decodes these percent-escapes (and only these) in the URI before signing it (its v3
+# validation guide's table); an escape outside the table, such as %20, stays as sent.
+_DECODED = re.compile(r"%(3A|2F|3F|40|21|24|27|28|29|2A|2C|3B)", re.IGNORECASE)
+
+
+def signed_uri(request: RequestLine) -> str:
+    """The URI HubSpot signed: the public URL of the request with HubSpot's table decoded."""
+    return _DECODED.sub(lambda m: chr(int(m.group(1), 16)), request.public_url())
+
+
+class HubSpotSignature:
+    name = "hubspot"
+
+    def new_secret(self) -> str | None:
+        return None  # HubSpot signs with the app's client secret: it is given, never made here
+
+    def verify(
+        self,
+        *,
+        headers: Mapping[str, str],
+        body: bytes,
+        secrets: Sequence[str],
+        now: dt.datetime,
+        tolerance: dt.timedelta,
+        request: RequestLine,
+        config: SourceConfig,
+    ) -> Verified:
+        v3 = headers.get("x-hubspot-signature-v3")
+        if v3 is not None and "v3" in config.signature_versions:
+            return self._verify_v3(v3, headers, body, secrets, now, tolerance, request)
+        legacy = headers.get("x-hubspot-signature")
+        version = (headers.get("x-hubspot-signature-version") or "").lower()
+        if legacy is not None and version in ("v1", "v2") and version in config.signature_versions:
+            return self._verify_legacy(version, legacy, body, secrets, request)
+        accepted = ", ".join(config.signature_versions)
+        raise InvalidSignature(f"no HubSpot signature of an accepted version ({accepted})")
+
+    def _verify_v3(
+        self,
+        signature: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        secrets: Sequence[str],
+        now: dt.datetime,
+        tolerance: dt.timedelta,
+        request: RequestLine,
+    ) -> Verified:
+        timestamp = headers.get("x-hubspot-request-timestamp")
+        if not timestamp:
+            raise InvalidSignature("missing X-HubSpot-Request-Timestamp header")
+        if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 15:
+            raise InvalidSignature("X-HubSpot-Request-Timestamp is not a number of milliseconds")
+        signed_at = dt.datetime.fromtimestamp(int(timestamp) / 1000, dt.UTC)
+        if abs(now - signed_at) > tolerance:
+            raise InvalidSignature("X-HubSpot-Request-Timestamp is outside the tolerance window")
+        require_secrets(secrets)
+        try:
+            candidate = base64.b64decode(signature, validate=True)
+        except binascii.Error:
+            raise InvalidSignature("X-HubSpot-Signature-v3 is not base64") from None
+        message = request.method.encode() + signed_uri(request).encode() + body + timestamp.encode()
+        expected = [hmac.new(s.encode(), message, hashlib.sha256).digest() for s in secrets if s]
+        if not matches_any(expected, candidate):
+            raise InvalidSignature("no signature matches a live secret of this source")
+        return Verified(webhook_id=None, signed_at=signed_at)
+
+    def _verify_legacy(
+        self, version: str, signature: str, body: bytes, secrets: Sequence[str], request: RequestLine
+    ) -> Verified:
+        require_secrets(secrets)
+        try:
+            candidate = bytes.fromhex(signature)
+        except ValueError:
+            raise InvalidSignature("X-HubSpot-Signature is not hex") from None
+        signed = body if version == "v1" else request.method.encode() + signed_uri(request).encode() + body
+        expected = [hashlib.sha256(s.encode() + signed).digest() for s in secrets if s]
+        if not matches_any(expected, candidate):
+            raise InvalidSignature("no signature matches a live secret of this source")
+        return Verified(webhook_id=None, signed_at=None)
+
+
+# subscriptionType (after the object type) -> canonical activity name
+_ACTIVITIES = {
+    "deletion": "Contact Deleted",
+    "privacyDeletion": "Contact Deleted",
+    "restore": "Contact Restored",
+    "merge": "Contacts Merged",
+    "associationChange": "Association Changed",
+}
+# Fields of an app webhook event kept as the properties of the activity it maps to.
+_EVENT_DETAILS = (
+    "subscriptionType",
+    "changeSource",
+    "sourceId",
+    "portalId",
+    "eventId",
+    "mergedObjectIds",
+    "primaryObjectId",
+    "newObjectId",
+    "associationType",
+    "fromObjectId",
+    "toObjectId",
+    "associationRemoved",
+)
+# Keys of a workflow body that describe the record rather than being its properties.
+_WORKFLOW_META = {
+    "vid",
+    "canonical-vid",
+    "merged-vids",
+    "portal-id",
+    "is-contact",
+    "profile-token",
+    "profile-url",
+    "identity-profiles",
+    "form-submissions",
+    "list-memberships",
+    "merge-audits",
+    "associated-company",
+    "objectId",
+    "objectType",
+    "id",
+    "createdAt",
+    "updatedAt",
+    "archived",
+    "properties",
+}
+
+
+def contact_ids(events: Sequence[LeadEvent]) -> list[str]:
+    """The HubSpot contact ids the events name: what a HubSpot API adapter would fetch the full
+    properties of (not done here: scoring uses what arrived)."""
+    return sorted({e.subject.external_ids[NAMESPACE] for e in events if NAMESPACE in e.subject.external_ids})
+
+
+class HubSpotMapper:
+    """App webhook bodies (JSON arrays) event by event; anything else as a workflow webhook body."""
+
+    def map(
+        self, body: bytes, *, verified: Verified, config: SourceConfig, now: dt.datetime, max_events: int
+    ) -> Mapped:
+        data = load_json(body)
+        out = EventBuilder(config=config, now=now)
+        if isinstance(data, list):
+            check_count(data, max_events)
+            for index, item in enumerate(data):
+                try:
+                    key, event = _app_event(item)
+                except Unmappable as exc:
+                    out.skip(index, str(exc))
+                    continue
+                out.add(index, key, event)
+        elif isinstance(data, dict):
+            try:
+                key, event = _workflow_event(data, default_at=verified.signed_at or now)
+            except Unmappable as exc:
+                raise InvalidEvent([{"loc": "", "msg": str(exc), "type": "unmappable"}]) from None
+            out.add(0, key, event)
+        else:
+            raise InvalidEvent([{"loc": "", "msg": "expected a JSON array of events or an object", "type": "type"}])
+        return out.result()
+
+
+def _app_event(item: Any) -> tuple[str, dict[str, Any]]:
+    if not isinstance(item, dict):
+        raise Unmappable("not an object")
+    kind = item.get("subscriptionType")
+    if not isinstance(kind, str) or "." not in kind:
+        raise Unmappable("no subscriptionType")
+    object_type, _, change = kind.partition(".")
+    # Generic webhooks say `object.<change>` with the type's id; 0-1 is the contact.
+    if not (object_type == "contact" or (object_type == "object" and item.get("objectTypeId") == "0-1")):
+        raise Unmappable(f"{kind} is not about a contact")
+    object_id = external_id(item.get("objectId"))
+    if object_id is None:
+        raise Unmappable("no objectId")
+    event_id = external_id(item.get("eventId"))
+    if event_id is None:
+        raise Unmappable("no eventId")
+    occurred_at = parse_time(item.get("occurredAt"), what="occurredAt")
+    # HubSpot documents eventId as not guaranteed unique on its own: a retry repeats all four parts.
+    key = f"{item.get('portalId')}:{item.get('subscriptionId')}:{object_id}:{event_id}"
+    event: dict[str, Any] = {
+        "occurred_at": occurred_at.isoformat(),
+        "subject": subject(**{NAMESPACE: object_id}),
+    }
+    if change == "creation":
+        event |= {"type": "lead.identified", "traits": {}}
+    elif change == "propertyChange":
+        name = item.get("propertyName")
+        if not isinstance(name, str) or not name:
+            raise Unmappable("a propertyChange without propertyName")
+        value = item.get("propertyValue")
+        if value is not None and not isinstance(value, str | int | float | bool):
+            value = str(value)
+        event |= {"type": "lead.updated", "traits": {name: value}}
+        if name == "email" and (address := email_or_none(value)):
+            event["subject"]["email"] = address
+    else:
+        details = {k: item[k] for k in _EVENT_DETAILS if k in item}
+        event |= {"type": "lead.activity", "name": _ACTIVITIES.get(change, f"HubSpot {kind}"), "properties": details}
+    return key, event
+
+
+def _workflow_event(data: dict[str, Any], *, default_at: dt.datetime) -> tuple[str, dict[str, Any]]:
+    """A workflow's "Send a webhook" body: the legacy contact JSON (`vid`, `properties.<name>.value`),
+    a CRM object (`id`, `properties.<name>`) or a flat body of chosen properties."""
+    raw = data.get("properties")
+    if isinstance(raw, dict):
+        values = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in raw.items()}
+    else:
+        values = {k: v for k, v in data.items() if k not in _WORKFLOW_META}
+    object_id = next(
+        (
+            found
+            for found in (
+                external_id(data.get("canonical-vid")),
+                external_id(data.get("vid")),
+                external_id(data.get("objectId")),
+                external_id(data.get("id")),
+                external_id(values.get("hs_object_id")),
+            )
+            if found is not None
+        ),
+        None,
+    )
+    occurred_at = first_time(
+        [("properties.lastmodifieddate", values.get("lastmodifieddate")), ("updatedAt", data.get("updatedAt"))],
+        default=default_at,
+    )
+    event = {
+        "type": "lead.identified",
+        "occurred_at": occurred_at.isoformat(),
+        "subject": subject(values.get("email"), **{NAMESPACE: object_id}),
+        "traits": scalar_traits(values),
+    }
+    # No event id in a workflow body: the same body twice is the same fact.
+    return f"workflow:{digest(data)}", event
