@@ -13,10 +13,11 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
-from service.api import audit, change_requests, health, keys, leads, pipelines, thresholds, webhooks
+from service.api import audit, change_requests, deliveries, health, keys, leads, pipelines, thresholds, webhooks
 from service.api.deps import Services
 from service.change_requests import ChangeApplier, ChangeControl
 from service.db import create_engine, is_sqlite
+from service.delivery import build_adapters, build_worker
 from service.errors import install_error_handlers
 from service.ingest import IngestWriter
 from service.metrics import RequestMetrics
@@ -71,6 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lookback=dt.timedelta(days=settings.activity_lookback_days),
         )
         writer.start()
+        destinations = tuple(sorted(build_adapters(settings)))  # fails start-up on a bad configuration
+        in_process = settings.delivery_in_process
+        if in_process is None:
+            in_process = is_sqlite(settings.database_url)
+        delivery, client = build_worker(engine, settings) if in_process else (None, None)
+        if delivery is not None:
+            delivery.start()
         control = ChangeControl.from_settings(settings)
         applier = ChangeApplier(engine, control=control, interval_seconds=settings.change_applier_seconds)
         applier.start()
@@ -93,6 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             migration_head=head(),
             oidc=OidcVerifier.from_settings(settings),
+            delivery=delivery,
+            destinations=destinations,
         )
         # Everything made at start-up (modules, compiled pipelines, caches) lives as long as the
         # process: move it out of the collector's sight, so full collections under load only scan
@@ -103,6 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await applier.stop()
+            if delivery is not None and client is not None:
+                await delivery.stop()
+                await client.aclose()
             await writer.stop()
             await policies.stop()
             await pipelines.stop()
@@ -120,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pipelines.router)
     app.include_router(keys.router)
     app.include_router(audit.router)
+    app.include_router(deliveries.router)
     app.include_router(change_requests.router)
     app.include_router(thresholds.router)
     app.include_router(health.router)

@@ -177,7 +177,9 @@ async def authenticate(
             raise Unauthenticated("unknown, expired or revoked credential")
         return await oidc.verify(token)
     try:
-        async with engine.begin() as conn:
+        # A write transaction from the start: on SQLite a read that turns into a write fails at
+        # once ("database is locked", no busy wait) when another connection wrote in between.
+        async with write_transaction(engine) as conn:
             row = await repo.use_key(conn, key_hash=hash_key(token), now=now)
     except (DBAPIError, OSError, TimeoutError) as exc:
         raise StorageUnavailable("the database is unavailable; retry later") from exc

@@ -711,5 +711,102 @@ def change_requests_withdraw(request_id: int, reason: str) -> None:
     )
 
 
+@main.command()
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Default: LEADSCORE_DELIVERY_CONCURRENCY")
+@click.option("--metrics-port", type=int, default=None, help="Serve this process's Prometheus metrics on this port.")
+def worker(concurrency: int | None, metrics_port: int | None) -> None:
+    """Deliver the outbox to the CRM destinations until SIGTERM or SIGINT (then finish what is in flight)."""
+    import signal
+
+    from service.crm import InvalidDestinations
+    from service.delivery import build_worker, refresh_outbox_gauges
+
+    settings = Settings()
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url, pool_size=2)
+        try:
+            delivery, client = build_worker(engine, settings, concurrency=concurrency)
+        except InvalidDestinations as exc:
+            await engine.dispose()
+            raise click.ClickException(str(exc)) from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        async def gauges() -> None:
+            while True:
+                try:
+                    await refresh_outbox_gauges(engine, delivery.breakers, now=_now())
+                except Exception as exc:
+                    click.echo(f"could not read outbox gauges: {exc}", err=True)
+                await asyncio.sleep(5)
+
+        reporter = asyncio.create_task(gauges()) if metrics_port else None
+        try:
+            await delivery.run_until(stop)
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+            await client.aclose()
+            await engine.dispose()
+
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=settings.host)
+    asyncio.run(run())
+
+
+@main.group()
+def deliveries() -> None:
+    """The CRM outbox: list deliveries, replay dead letters."""
+
+
+@deliveries.command("list")
+@click.option("--status", type=click.Choice(["pending", "in_flight", "delivered", "dead"]), default=None)
+@click.option("--destination", default=None)
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+def deliveries_list(status: Any, destination: str | None, limit: int) -> None:
+    """Deliveries, newest first."""
+    from service.delivery.admin import list_deliveries
+
+    page = _with_engine(
+        lambda e: list_deliveries(e, status=status, destination=destination, lead_id=None, cursor=None, limit=limit)
+    )
+    _print_json([item.model_dump(mode="json") for item in page.items])
+
+
+@deliveries.command("replay")
+@click.argument("delivery_id", required=False)
+@click.option("--dead", is_flag=True, help="Replay dead letters (with the filters below) instead of one id.")
+@click.option("--destination", default=None)
+@click.option("--status-code", type=int, default=None, help="Only dead letters whose last answer had this status.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+def deliveries_replay(
+    delivery_id: str | None, dead: bool, destination: str | None, status_code: int | None, limit: int
+) -> None:
+    """Send one delivery again (dead or delivered), or every matching dead letter with --dead."""
+    import uuid
+
+    from service.delivery.admin import replay_dead_letters, replay_delivery
+    from service.delivery.schemas import BulkReplayRequest
+
+    if (delivery_id is None) == (not dead):
+        raise click.UsageError("give a DELIVERY_ID or --dead")
+    if delivery_id is not None:
+        try:
+            id_ = uuid.UUID(delivery_id)
+        except ValueError:
+            raise click.BadParameter("not a delivery id", param_hint="DELIVERY_ID") from None
+        one = _with_engine(lambda e: replay_delivery(e, id_, now=_now()))
+        _print_json(one.model_dump(mode="json"))
+        return
+    request = BulkReplayRequest(destination=destination, status_code=status_code, limit=limit)
+    bulk = _with_engine(lambda e: replay_dead_letters(e, request, now=_now()))
+    _print_json(bulk.model_dump(mode="json"))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

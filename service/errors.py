@@ -105,6 +105,22 @@ class IdentityProviderUnavailable(LeadscoreError):
     headers = {"Retry-After": "30"}
 
 
+class DeliveryNotFound(NotFound):
+    """No delivery has this id (404)."""
+
+
+class DeliveryNotReplayable(LeadscoreError):
+    """Only a dead or delivered delivery can be replayed; this one is pending or in flight (409)."""
+
+    status = 409
+
+
+class InvalidCursor(LeadscoreError):
+    """The page cursor is not one this service gave out (422)."""
+
+    status = 422
+
+
 def error_response(exc: LeadscoreError) -> JsonResponse:
     return JsonResponse(
         {"error": type(exc).__name__, "detail": exc.detail},

@@ -142,6 +142,51 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Logging level.")
     log_format: Literal["console", "json"] = Field(default="console", description="Log rendering.")
 
+    # CRM delivery (the outbox worker and its adapters).
+    delivery_destinations: str | None = Field(
+        default=None,
+        description="CRM destinations as a JSON list (see README, Delivery); takes precedence over the file.",
+    )
+    delivery_destinations_file: Path | None = Field(
+        default=None, description="A JSON or YAML file with the CRM destinations list."
+    )
+    delivery_in_process: bool | None = Field(
+        default=None,
+        description="Run one delivery worker inside the HTTP service. Default: on for SQLite (so `make run` "
+        "delivers), off for PostgreSQL (run `leadscore worker` processes).",
+    )
+    delivery_concurrency: int = Field(default=16, ge=1, le=1000, description="Deliveries in flight per worker.")
+    delivery_batch_size: int = Field(default=100, ge=1, le=5000, description="Most rows claimed per claim.")
+    delivery_poll_seconds: float = Field(
+        default=0.2, gt=0, description="How often an idle worker looks for due deliveries."
+    )
+    delivery_lease_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a claim lasts; a killed worker's rows are claimed again after it. Keep it "
+        "well above the request timeout.",
+    )
+    delivery_timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one CRM request.")
+    delivery_max_attempts: int = Field(default=12, ge=1, description="Attempts before a delivery is a dead letter.")
+    delivery_max_age_seconds: float = Field(
+        default=86_400.0, gt=0, description="Age after which a failing delivery is a dead letter instead of retried."
+    )
+    delivery_backoff_base_seconds: float = Field(
+        default=1.0, gt=0, description="Retry backoff: the first retry waits up to this long (full jitter)."
+    )
+    delivery_backoff_max_seconds: float = Field(
+        default=300.0, gt=0, description="Retry backoff: the cap of the exponential growth."
+    )
+    delivery_retry_after_max_seconds: float = Field(
+        default=3600.0, gt=0, description="The longest `Retry-After` honoured; longer ones are cut to this."
+    )
+    delivery_circuit_failures: int = Field(
+        default=5, ge=1, description="Consecutive failures to a destination that open its circuit."
+    )
+    delivery_circuit_open_seconds: float = Field(
+        default=30.0, gt=0, description="How long an open circuit waits before one probe delivery."
+    )
+
     @property
     def oidc_enabled(self) -> bool:
         return self.oidc_issuer is not None

@@ -266,3 +266,17 @@ def trained() -> Trained:
     return Trained(
         spec_dict=spec.model_dump(mode="json"), result=result, compiled=compile_pipeline(spec, result.artifact)
     )
+
+
+@pytest.fixture(scope="session")
+def crm_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The CRM peer (`tests/peers/crm_peer.py`) as a real process, shared by the session; tests
+    reset its behaviour and tell their requests apart by idempotency key."""
+    from tests.peers.process import CrmPeer
+
+    peer = CrmPeer(tmp_path_factory.mktemp("crm-peer"))
+    peer.start()
+    try:
+        yield peer
+    finally:
+        peer.stop()

@@ -49,9 +49,7 @@ SECRET_TEMPLATE = K8S / "secret.example.yaml"
 # Commands the deploy files already run that a branch being built in parallel adds to the CLI.
 # Tolerated ONLY while absent: once one lands, `test_pending_commands_have_not_landed` fails until
 # it is removed from here (and from then on it is checked like every other command).
-PENDING_COMMANDS = {
-    "worker",  # the CRM outbox delivery worker (delivery branch)
-}
+PENDING_COMMANDS: set[str] = set()
 
 # The Kubernetes version whose API schemas the manifests are validated against.
 KUBERNETES_VERSION = "1.30.0"

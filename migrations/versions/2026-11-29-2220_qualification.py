@@ -2,7 +2,7 @@
 its transitions, change requests, outcomes.
 
 Revision ID: 0005
-Revises: 0004
+Revises: 0007
 Create Date: 2026-11-29 22:07:28.721227+00:00
 """
 
@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 import models.types
 
 revision: str = '0005'
-down_revision: str | None = '0004'
+down_revision: str | None = '0007'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import Principal, authenticate, require_role
 from service.change_requests import ChangeApplier, ChangeControl
+from service.delivery.worker import DeliveryWorker
 from service.ingest import IngestWriter
 from service.oidc import OidcVerifier
 from service.pipelines import PipelineRegistry
@@ -35,6 +36,10 @@ class Services:
     limits: WebhookLimits
     migration_head: str | None
     oidc: OidcVerifier | None = None
+    # The in-process delivery worker (SQLite's default), if this process runs one; `destinations`
+    # are the configured delivery destinations' names.
+    delivery: DeliveryWorker | None = None
+    destinations: tuple[str, ...] = ()
 
 
 async def get_services(request: Request) -> Services:

@@ -9,7 +9,8 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.responses import Response
 
-from service.api.deps import ServicesDep
+from service.api.deps import ServicesDep, utcnow
+from service.delivery import refresh_outbox_gauges
 from service.metrics import DB_ERRORS
 from service.migrate import known_revisions
 from service.responses import JsonResponse
@@ -52,8 +53,12 @@ async def readyz(services: ServicesDep) -> Response:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(services: ServicesDep) -> Response:
     """Prometheus exposition, across processes when PROMETHEUS_MULTIPROC_DIR is set."""
+    try:
+        await refresh_outbox_gauges(services.engine, services.destinations, now=utcnow())
+    except Exception:  # the database may be down: still expose what this process knows
+        DB_ERRORS.labels(operation="outbox_gauges").inc()
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

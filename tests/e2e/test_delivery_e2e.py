@@ -1,0 +1,261 @@
+"""Durable handoff with real processes: `leadscore worker` subprocesses deliver 1,000 outbox rows to
+the CRM peer process while the peer fails in every way, is down for a while, and a worker is
+killed with SIGKILL mid-delivery. Every handoff must reach the CRM, each recorded as delivered
+exactly once; rejections become dead letters that a replay delivers once the CRM is fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from service.crm import Handoff
+from service.db import create_engine, write_transaction
+from service.delivery import enqueue_deliveries, handoff_item
+from tests.peers.process import CrmPeer
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+SECRET = "whsec_" + base64.b64encode(b"end-to-end delivery signing key!").decode()
+HANDOFFS = 1000
+REJECTED = 40  # the CRM refuses these until it is fixed
+
+
+class Database:
+    """One engine on one event loop for the test's own reads and writes (polling with a new engine
+    each time cost more CPU than the workers on a busy machine)."""
+
+    def __init__(self, url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.engine = create_engine(url, pool_size=1)
+
+    def run(self, fn: Callable[[Any], Any]) -> Any:
+        return self.loop.run_until_complete(fn(self.engine))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.engine.dispose())
+        self.loop.close()
+
+    def counts(self) -> dict[str, int]:
+        async def go(engine: Any) -> dict[str, int]:
+            async with engine.connect() as conn:
+                rows = await conn.execute(sa.text("SELECT status, count(*) FROM delivery GROUP BY status"))
+                return {status: int(n) for status, n in rows}
+
+        result: dict[str, int] = self.run(go)
+        return result
+
+
+def enqueue_all(db: Database) -> None:
+    now = dt.datetime.now(dt.UTC)
+    items = []
+    for i in range(HANDOFFS):
+        tag = "reject-me" if i < REJECTED else "fine"
+        handoff = Handoff(
+            lead_id=uuid.uuid4(),
+            email=f"lead{i}@example.com",
+            owner_id=f"owner-{i % 3}",
+            stage="mql" if i % 2 else "sql",
+            score=50 + i % 50,
+            grade="B2",
+            traits={"tag": tag},
+        )
+        items.append(handoff_item(handoff, "crm", handoff_key=f"assignment-{i}"))
+
+    async def go(engine: Any) -> None:
+        # Batches of 250 in one transaction each, as the ingest transaction would enqueue them.
+        for start in range(0, HANDOFFS, 250):
+            async with write_transaction(engine) as conn:
+                await enqueue_deliveries(conn, items[start : start + 250], now=now)
+
+    db.run(go)
+
+
+def wait_until(what: str, check: Callable[[], bool], *, timeout: float, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+            raise AssertionError(f"timed out waiting for {what}\n{tails}")
+        time.sleep(0.25)
+
+
+class Workers:
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.env = env
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def logs(self) -> list[Path]:
+        return [self.workdir / f"worker-{i}.log" for i in range(len(self.procs))]
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"worker-{len(self.procs)}.log").open("w")
+        proc = subprocess.Popen(
+            [BIN / "leadscore", "worker", "--concurrency", "16"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> list[int]:
+        codes = []
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=20))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait(timeout=10))
+        return codes
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+def test_every_handoff_reaches_the_crm_once_recorded_through_failures_and_a_killed_worker(
+    db_url: str, db: Database, tmp_path: Path
+) -> None:
+    postgres = db_url.startswith("postgresql")
+    peer = CrmPeer(tmp_path)
+    peer.start()
+    env = os.environ | {
+        "LEADSCORE_DATABASE_URL": db_url,
+        "LEADSCORE_DELIVERY_DESTINATIONS": json.dumps(
+            [{"name": "crm", "kind": "webhook", "url": f"{peer.url}/hooks/leads", "secret_env": "CRM_HOOK_SECRET"}]
+        ),
+        "CRM_HOOK_SECRET": SECRET,
+        "LEADSCORE_DELIVERY_BATCH_SIZE": "100",
+        "LEADSCORE_DELIVERY_POLL_SECONDS": "0.05",
+        "LEADSCORE_DELIVERY_TIMEOUT_SECONDS": "0.5",
+        "LEADSCORE_DELIVERY_LEASE_SECONDS": "2",
+        "LEADSCORE_DELIVERY_MAX_ATTEMPTS": "60",
+        "LEADSCORE_DELIVERY_BACKOFF_BASE_SECONDS": "0.02",
+        "LEADSCORE_DELIVERY_BACKOFF_MAX_SECONDS": "0.3",
+        "LEADSCORE_DELIVERY_RETRY_AFTER_MAX_SECONDS": "2",
+        "LEADSCORE_DELIVERY_CIRCUIT_FAILURES": "8",
+        "LEADSCORE_DELIVERY_CIRCUIT_OPEN_SECONDS": "0.5",
+        "LEADSCORE_LOG_LEVEL": "WARNING",
+    }
+    workers = Workers(env, tmp_path)
+    try:
+        enqueue_all(db)
+        peer.control("reject", {"contains": "reject-me", "status": 422})
+        peer.control(
+            "chaos",
+            {
+                "requests": 300,
+                "weights": {"ok": 5, "500": 1, "503": 1, "429": 1, "slow": 1, "drop": 1},
+                "retry_after": "1",
+                "slow_seconds": 1.0,
+                "seed": 7,
+            },
+        )
+        for _ in range(2 if postgres else 1):
+            workers.start()
+        logs = [peer.out_path, *workers.logs]
+
+        wait_until("deliveries under way", lambda: peer.count() >= 200, timeout=120, logs=logs)
+        workers.procs[0].send_signal(signal.SIGKILL)
+        assert workers.procs[0].wait(timeout=10) == -signal.SIGKILL
+        workers.start()
+
+        wait_until("more deliveries", lambda: peer.count() >= 550, timeout=120, logs=logs)
+        peer.stop()  # the CRM is down for a while
+        time.sleep(1.5)
+        peer.start()
+
+        logs = [peer.out_path, *workers.logs]
+        wait_until(
+            "every handoff delivered or dead",
+            lambda: db.counts() == {"delivered": HANDOFFS - REJECTED, "dead": REJECTED},
+            timeout=180,
+            logs=logs,
+        )
+
+        # The CRM is fixed; ops replay the dead letters.
+        peer.control("reject", method="DELETE")
+        replay = subprocess.run(
+            [BIN / "leadscore", "deliveries", "replay", "--dead", "--status-code", "422"],
+            env=env,
+            capture_output=True,
+            check=True,
+        )
+        assert json.loads(replay.stdout) == {"replayed": REJECTED}
+        wait_until("replayed dead letters", lambda: db.counts() == {"delivered": HANDOFFS}, timeout=120, logs=logs)
+    finally:
+        codes = workers.stop_all()
+        peer.stop()
+    assert codes[1:] == [0] * (len(codes) - 1)  # the workers still running stop cleanly on SIGTERM
+
+    # The CRM saw every idempotency key, each answered with success at least once...
+    keys = {f"crm:assignment-{i}" for i in range(HANDOFFS)}
+    seen = peer.requests()
+    assert {r["key"] for r in seen if r["answer"] == 200} == keys
+    answers = Counter(str(r["answer"]) for r in seen)
+    for failure in ("500", "503", "429", "422", "slow", "drop"):
+        assert answers[failure] > 0, answers  # ...after failing in every way
+    received = Counter(r["key"] for r in seen if r["answer"] in (200, "slow", "drop"))
+    duplicates = sum(1 for n in received.values() if n > 1)
+
+    # ...and the service recorded each delivery as delivered exactly once, nothing left behind.
+    async def recorded(engine: Any) -> tuple[Any, ...]:
+        async with engine.connect() as conn:
+            delivered_once = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM (SELECT delivery_id FROM delivery_attempt WHERE outcome = 'delivered' "
+                        "GROUP BY delivery_id HAVING count(*) = 1) t"
+                    )
+                )
+            ).scalar()
+            more_than_once = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM (SELECT delivery_id FROM delivery_attempt WHERE outcome = 'delivered' "
+                        "GROUP BY delivery_id HAVING count(*) > 1) t"
+                    )
+                )
+            ).scalar()
+            unfinished = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM delivery WHERE delivered_at IS NULL OR claim_token IS NOT NULL "
+                        "OR status <> 'delivered'"
+                    )
+                )
+            ).scalar()
+            workers_seen = (await conn.execute(sa.text("SELECT count(DISTINCT worker) FROM delivery_attempt"))).scalar()
+            replayed = (await conn.execute(sa.text("SELECT count(*) FROM delivery WHERE replays = 1"))).scalar()
+            return delivered_once, more_than_once, unfinished, workers_seen, replayed
+
+    delivered_once, more_than_once, unfinished, workers_seen, replayed = db.run(recorded)
+    assert (delivered_once, more_than_once, unfinished) == (HANDOFFS, 0, 0)
+    assert replayed == REJECTED
+    assert workers_seen == len(workers.procs)  # the killed worker, its replacement (and the second one)
+    # Redeliveries happen (timeouts, cut connections, the killed worker's leases); the key tells the CRM.
+    assert duplicates > 0

@@ -1,0 +1,1 @@
+"""Peer servers that tests run as real processes."""
