@@ -381,7 +381,9 @@ def test_every_container_command_is_a_leadscore_command() -> None:
         seen[where] = argv
     assert seen["compose migrate"] == seen["k8s leadscore-migrate"] == ["leadscore", "migrate"]
     assert seen["compose api"] == seen["k8s leadscore-api"] == seen["Dockerfile CMD"] == ["leadscore", "serve"]
-    assert seen["compose worker"] == seen["k8s leadscore-worker"] == ["leadscore", "worker"]
+    # The worker serves its delivery metrics on the port Prometheus scrapes (see the ports checks).
+    worker = ["leadscore", "worker", "--metrics-port", "8001"]
+    assert seen["compose worker"] == seen["k8s leadscore-worker"] == worker
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -512,6 +514,9 @@ def test_prometheus_loads_the_rules_and_scrapes_api_and_worker() -> None:
     worker = k8s_object("Deployment", WORKER_DEPLOYMENT)
     assert worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(worker_sd["port"])
     assert [p["containerPort"] for p in only_container(worker)["ports"]] == [worker_sd["port"]]
+    # ...and the worker serves its metrics on that port.
+    for argv in (compose_services()["worker"]["command"], only_container(worker)["command"]):
+        assert argv[argv.index("--metrics-port") + 1] == str(worker_sd["port"])
 
 
 def alert_rules() -> list[dict[str, Any]]:
