@@ -87,6 +87,10 @@ class Lead(SQLModel, table=True):
     first_event_at: dt.datetime | None = _ts(nullable=True)
     last_event_at: dt.datetime | None = _ts(nullable=True)
     merged_into_id: uuid.UUID | None = Field(default=None, foreign_key="lead.id", nullable=True)
+    # The lifecycle stage (see `scoring.lifecycle`), kept on the row the ingest batch locks and
+    # updates anyway; its history is `stage_transition`.
+    stage: str = Field(default="lead", sa_column=sa.Column(sa.String(16), nullable=False, server_default="lead"))
+    stage_changed_at: dt.datetime | None = _ts(nullable=True)
 
 
 class LeadIdentity(SQLModel, table=True):
@@ -205,4 +209,5 @@ class ScoreRecord(SQLModel, table=True):
 
 from models import audit as audit  # noqa: E402,F401  (registers the audit tables on the metadata)
 from models import delivery as delivery  # noqa: E402  (the CRM outbox: models/delivery.py)
+from models import qualification as qualification  # noqa: E402,F401  (registers the qualification tables)
 from models import routing as routing  # noqa: E402  (routing tables, in their own module)

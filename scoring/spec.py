@@ -26,6 +26,7 @@ Semantics (see also ``scoring.rules`` and ``scoring.pipeline``):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -67,6 +68,7 @@ __all__ = [
     "PipelineSpec",
     "RulesSpec",
     "TraitSource",
+    "check_condition",
     "load_spec",
 ]
 
@@ -483,6 +485,7 @@ class PipelineSpec(_Strict):
             else:
                 seen_ids[rule_id] = loc
 
+        types = {name: feature.type for name, feature in by_name.items()}
         groups: list[tuple[str, list[ConditionRule]]] = [
             ("rules.fit.rules", self.rules.fit.rules),
             ("rules.engagement.rules", self.rules.engagement.rules),
@@ -491,7 +494,7 @@ class PipelineSpec(_Strict):
             for i, rule in enumerate(rules):
                 loc = f"{prefix}[{i}]"
                 check_id(rule.id, loc)
-                _check_condition(rule.when, f"{loc}.when", by_name, errors)
+                check_condition(rule.when, f"{loc}.when", types, errors)
         for i, activity_rule in enumerate(self.rules.engagement.activities):
             check_id(activity_rule.id, f"rules.engagement.activities[{i}]")
         if errors:
@@ -512,35 +515,43 @@ class PipelineSpec(_Strict):
         return frozenset(marker.strip() for marker in markers) | {""}
 
 
-def _check_condition(
-    condition: Leaf | AllOf | AnyOf, loc: str, features: dict[str, FeatureSpec], errors: list[str]
+def check_condition(
+    condition: Leaf | AllOf | AnyOf,
+    loc: str,
+    types: Mapping[str, str],
+    errors: list[str],
+    *,
+    noun: str = "feature",
 ) -> None:
+    """Append to ``errors`` one ``"<path>: <message>"`` line per leaf of ``condition`` that names an
+    unknown field, uses an operator its type does not allow, or compares with a value of the wrong
+    type. ``types`` maps each known field to ``number``/``category``/``boolean``; ``noun`` names
+    what the fields are in the messages (``feature``, ``score field``...)."""
     if isinstance(condition, AllOf):
         for i, child in enumerate(condition.all):
-            _check_condition(child, f"{loc}.all[{i}]", features, errors)
+            check_condition(child, f"{loc}.all[{i}]", types, errors, noun=noun)
         return
     if isinstance(condition, AnyOf):
         for i, child in enumerate(condition.any):
-            _check_condition(child, f"{loc}.any[{i}]", features, errors)
+            check_condition(child, f"{loc}.any[{i}]", types, errors, noun=noun)
         return
-    feature = features.get(condition.field)
-    if feature is None:
-        errors.append(f"{loc}.field: unknown feature {condition.field!r}")
+    name = condition.field
+    kind = types.get(name)
+    if kind is None:
+        errors.append(f"{loc}.field: unknown {noun} {name!r}")
         return
-    if condition.op not in OPS_BY_TYPE[feature.type]:
-        allowed = ", ".join(sorted(OPS_BY_TYPE[feature.type]))
-        errors.append(
-            f"{loc}.op: {condition.op!r} is not allowed on {feature.type} feature {feature.name!r} (allowed: {allowed})"
-        )
+    if condition.op not in OPS_BY_TYPE[kind]:
+        allowed = ", ".join(sorted(OPS_BY_TYPE[kind]))
+        errors.append(f"{loc}.op: {condition.op!r} is not allowed on {kind} {noun} {name!r} (allowed: {allowed})")
         return
     if condition.op == "exists":
         return
     values = condition.value if isinstance(condition.value, list) else [condition.value]
     for value in values:
-        if not _is_of_type(value, feature.type):
+        if not _is_of_type(value, kind):
             errors.append(
-                f"{loc}.value: {value!r} is not a {feature.type} (feature {feature.name!r}"
-                f"{'; quote category values' if feature.type == 'category' else ''})"
+                f"{loc}.value: {value!r} is not a {kind} ({noun} {name!r}"
+                f"{'; quote category values' if kind == 'category' else ''})"
             )
 
 

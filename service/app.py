@@ -13,8 +13,20 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import Receive, Scope, Send
 
-from service.api import audit, deliveries, health, keys, leads, pipelines, routing, webhooks
+from service.api import (
+    audit,
+    change_requests,
+    deliveries,
+    health,
+    keys,
+    leads,
+    pipelines,
+    routing,
+    thresholds,
+    webhooks,
+)
 from service.api.deps import Services
+from service.change_requests import ChangeApplier, ChangeControl
 from service.db import create_engine, is_sqlite
 from service.delivery import build_adapters, build_worker
 from service.errors import install_error_handlers
@@ -23,6 +35,7 @@ from service.metrics import RequestMetrics
 from service.migrate import head
 from service.oidc import OidcVerifier
 from service.pipelines import PipelineRegistry
+from service.qualification import PolicyRegistry
 from service.settings import Settings
 from service.sources import SourceRegistry
 from service.webhooks.receive import WebhookLimits
@@ -54,12 +67,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:  # the database may be down at start; the refresh loop retries
             log.warning("could not load pipelines at start", error=str(exc))
         pipelines.start()
+        policies = PolicyRegistry(engine, refresh_seconds=settings.pipeline_refresh_seconds)
+        try:
+            await policies.refresh()
+        except Exception as exc:
+            log.warning("could not load the threshold policy at start", error=str(exc))
+        policies.start()
         writer = IngestWriter(
             engine,
             max_batch_events=settings.group_commit_max_events,
             retry_after=settings.retry_after_seconds,
             writers=1 if is_sqlite(settings.database_url) else settings.group_commit_writers,
             pipelines=lambda: pipelines.current,
+            policy=lambda: policies.current,
             lookback=dt.timedelta(days=settings.activity_lookback_days),
         )
         writer.start()
@@ -70,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         delivery, client = build_worker(engine, settings) if in_process else (None, None)
         if delivery is not None:
             delivery.start()
+        control = ChangeControl.from_settings(settings)
+        applier = ChangeApplier(engine, control=control, interval_seconds=settings.change_applier_seconds)
+        applier.start()
         app.state.services = Services(
             settings=settings,
             engine=engine,
@@ -78,6 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             writer=writer,
             pipelines=pipelines,
+            policies=policies,
+            control=control,
+            applier=applier,
             limits=WebhookLimits(
                 max_body_bytes=settings.max_body_bytes,
                 max_events=settings.max_events_per_request,
@@ -97,10 +123,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await applier.stop()
             if delivery is not None and client is not None:
                 await delivery.stop()
                 await client.aclose()
             await writer.stop()
+            await policies.stop()
             await pipelines.stop()
             await engine.dispose()
 
@@ -118,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(deliveries.router)
     app.include_router(routing.router)
+    app.include_router(change_requests.router)
+    app.include_router(thresholds.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:

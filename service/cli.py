@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import migrate as migrations
 from service.auth import ROLES, Principal, create_key, list_keys, revoke_key
+from service.change_schemas import ChangeRequestRead
 from service.db import create_engine
 from service.errors import LeadscoreError
 from service.logging import configure_logging
@@ -372,8 +373,13 @@ def audit_verify() -> None:
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
 @click.option("--label", required=True, help="The 0/1 outcome column, e.g. Converted.")
-@click.option("--activate", is_flag=True, help="Make the new version the active one.")
-def train(spec_path: Path, data_path: Path, label: str, activate: bool) -> None:
+@click.option(
+    "--activate",
+    is_flag=True,
+    help="Make the new version active: at once when none is active yet, else by a change request.",
+)
+@click.option("--reason", default=None, help="Why (the change request's reason; needed once a version is active).")
+def train(spec_path: Path, data_path: Path, label: str, activate: bool, reason: str | None) -> None:
     """Train a pipeline spec on a labelled CSV and register it as a new immutable version."""
     from service.pipelines import InvalidPipeline, parse_spec, read_training_csv, train_and_register
 
@@ -390,19 +396,23 @@ def train(spec_path: Path, data_path: Path, label: str, activate: bool) -> None:
     def progress(stage: str, fraction: float) -> None:
         click.echo(f"  [{fraction:4.0%}] {stage}", err=True)
 
-    registered = _with_engine(
-        lambda e: train_and_register(
-            e,
+    async def run(engine: AsyncEngine) -> dict[str, Any]:
+        registered = await train_and_register(
+            engine,
             spec_text=spec_text,
             rows=rows,
             labels=labels,
             data_sha256=digest,
-            activate=activate,
-            actor=f"cli:{getpass.getuser()}",
+            actor=_actor().subject,
             progress=progress,
         )
-    )
-    _print_json({"version": registered.version_id, "activated": registered.activated, "metrics": registered.metrics})
+        out: dict[str, Any] = {"version": registered.version_id, "activated": False}
+        if activate:
+            request = await _activate(engine, registered.version_id, reason=reason)
+            out.update(activated=request.status == "applied", change_request=_summary(request))
+        return {**out, "metrics": registered.metrics}
+
+    _print_json(_with_engine(run))
 
 
 @main.command("score")
@@ -487,25 +497,218 @@ def pipelines_list() -> None:
 
 @pipelines.command("activate")
 @click.argument("version", type=int)
-def pipelines_activate(version: int) -> None:
-    """Make a version the active one (it scores, and its scores are the leads' current scores)."""
-    from service.pipelines import assign_slot
-
-    _with_engine(lambda e: assign_slot(e, slot="active", version_id=version, actor=f"cli:{getpass.getuser()}"))
-    _print_json({"active": version})
+@click.option("--reason", default=None, help="Why (needed once a version is active).")
+@click.option("--apply-at", type=click.DateTime(), default=None, help="Apply at this UTC time once approved.")
+@click.option("--reevaluate", is_flag=True, help="On apply, re-score and re-qualify the window's leads.")
+@click.option("--trigger-downstream", is_flag=True, help="With --reevaluate: route leads that newly qualify.")
+def pipelines_activate(
+    version: int, reason: str | None, apply_at: dt.datetime | None, reevaluate: bool, trigger_downstream: bool
+) -> None:
+    """Make a version the active one: at once when none is active yet (a bootstrap change request),
+    else by proposing a change request that another ops identity approves."""
+    request = _with_engine(
+        lambda e: _activate(
+            e,
+            version,
+            reason=reason,
+            apply_at=_utc(apply_at),
+            reevaluate=reevaluate,
+            trigger_downstream=trigger_downstream,
+        )
+    )
+    _print_json(_summary(request))
 
 
 @pipelines.command("shadow")
 @click.argument("version", type=int, required=False)
 @click.option("--clear", is_flag=True, help="Stop shadow scoring.")
-def pipelines_shadow(version: int | None, clear: bool) -> None:
-    """Score every lead with VERSION too, stored apart, changing nothing else."""
-    from service.pipelines import assign_slot
+@click.option("--reason", required=True, help="Why (the change request's reason).")
+def pipelines_shadow(version: int | None, clear: bool, reason: str) -> None:
+    """Propose scoring every lead with VERSION too, stored apart, changing nothing else (or --clear)."""
+    from service.change_requests import ChangeControl, propose
+    from service.change_schemas import ChangeRequestCreate, ShadowPipelineChange
 
     if (version is None) == (not clear):
         raise click.UsageError("give a VERSION or --clear")
-    _with_engine(lambda e: assign_slot(e, slot="shadow", version_id=version, actor=f"cli:{getpass.getuser()}"))
-    _print_json({"shadow": version})
+    body = ChangeRequestCreate(change=ShadowPipelineChange(kind="shadow_pipeline", version=version), reason=reason)
+    request = _with_engine(
+        lambda e: propose(e, body, principal=_actor(), control=ChangeControl.from_settings(Settings()), now=_now())
+    )
+    _print_json(_summary(request))
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _summary(request: ChangeRequestRead) -> dict[str, Any]:
+    fields = ("id", "kind", "status", "bootstrap", "author", "apply_at", "approved_by", "applied_at", "result")
+    summary = request.model_dump(mode="json", include=set(fields))
+    if request.impact is not None:
+        summary["impact"] = request.impact.model_dump(mode="json", include={"leads_considered", "changes", "moves"})
+    return summary
+
+
+async def _activate(
+    engine: AsyncEngine,
+    version: int,
+    *,
+    reason: str | None,
+    apply_at: dt.datetime | None = None,
+    reevaluate: bool = False,
+    trigger_downstream: bool = False,
+) -> ChangeRequestRead:
+    from service.change_requests import ChangeControl, activate_pipeline
+
+    return await activate_pipeline(
+        engine,
+        version,
+        principal=_actor(),
+        reason=reason,
+        control=ChangeControl.from_settings(Settings()),
+        now=_now(),
+        apply_at=apply_at,
+        reevaluate=reevaluate,
+        trigger_downstream=trigger_downstream,
+    )
+
+
+@main.group()
+def thresholds() -> None:
+    """Threshold policies: propose one from a file, list the applied versions."""
+
+
+@thresholds.command("propose")
+@click.argument("policy_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--reason", required=True, help="Why (the change request's reason).")
+@click.option("--apply-at", type=click.DateTime(), default=None, help="Apply at this UTC time once approved.")
+@click.option("--reevaluate", is_flag=True, help="On apply, re-qualify the leads scored in the window.")
+@click.option("--trigger-downstream", is_flag=True, help="With --reevaluate: route leads that newly qualify.")
+@click.option("--window-days", type=int, default=None, help="Default: LEADSCORE_CHANGE_WINDOW_DAYS.")
+def thresholds_propose(
+    policy_path: Path,
+    reason: str,
+    apply_at: dt.datetime | None,
+    reevaluate: bool,
+    trigger_downstream: bool,
+    window_days: int | None,
+) -> None:
+    """Propose a threshold policy (YAML or JSON) as a change request; prints it with its impact."""
+    import yaml
+    from pydantic import ValidationError
+
+    from service.change_requests import ChangeControl, propose
+    from service.change_schemas import ChangeRequestCreate
+
+    try:
+        body = ChangeRequestCreate.model_validate(
+            {
+                "change": {"kind": "threshold_policy", "policy": yaml.safe_load(policy_path.read_text())},
+                "reason": reason,
+                "apply_at": _utc(apply_at),
+                "reevaluate": reevaluate,
+                "trigger_downstream": trigger_downstream,
+                "window_days": window_days,
+            }
+        )
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise click.ClickException(f"invalid policy {policy_path}: {exc}") from None
+    control = ChangeControl.from_settings(Settings())
+    _print_json(_summary(_with_engine(lambda e: propose(e, body, principal=_actor(), control=control, now=_now()))))
+
+
+@thresholds.command("list")
+def thresholds_list() -> None:
+    """Every applied threshold policy version and which one is active."""
+    from service.qualification import list_policies
+
+    _print_json([p.model_dump(mode="json") for p in _with_engine(list_policies)])
+
+
+@main.group("change-requests")
+def change_requests() -> None:
+    """Change requests: list, show, approve, apply, reject, withdraw (as the operating-system user)."""
+
+
+@change_requests.command("list")
+@click.option("--status", "statuses", multiple=True, help="Only these statuses (repeatable).")
+@click.option("--limit", type=int, default=50, show_default=True)
+def change_requests_list(statuses: tuple[str, ...], limit: int) -> None:
+    """Change requests, newest first."""
+    from service.change_requests import list_requests
+
+    found = _with_engine(lambda e: list_requests(e, statuses=list(statuses) or None, limit=limit, before_id=None))
+    _print_json([_summary(r) | {"reason": r.reason} for r in found])
+
+
+@change_requests.command("show")
+@click.argument("request_id", type=int)
+def change_requests_show(request_id: int) -> None:
+    """One change request with its impact preview and result."""
+    from service.change_requests import get_request
+
+    _print_json(_with_engine(lambda e: get_request(e, request_id)).model_dump(mode="json"))
+
+
+@change_requests.command("approve")
+@click.argument("request_id", type=int)
+def change_requests_approve(request_id: int) -> None:
+    """Approve (never your own); applies at once unless scheduled later."""
+    from service.change_requests import ChangeControl, approve
+
+    control = ChangeControl.from_settings(Settings())
+    _print_json(
+        _summary(_with_engine(lambda e: approve(e, request_id, principal=_actor(), control=control, now=_now())))
+    )
+
+
+@change_requests.command("apply")
+@click.argument("request_id", type=int)
+def change_requests_apply(request_id: int) -> None:
+    """Apply an approved change now, even if scheduled later."""
+    from service.change_requests import ChangeControl, apply_request
+
+    control = ChangeControl.from_settings(Settings())
+    principal = _actor()
+    _print_json(
+        _summary(
+            _with_engine(
+                lambda e: apply_request(
+                    e, request_id, actor=principal.subject, role=principal.role, control=control, now=_now()
+                )
+            )
+        )
+    )
+
+
+@change_requests.command("reject")
+@click.argument("request_id", type=int)
+@click.option("--reason", required=True)
+def change_requests_reject(request_id: int, reason: str) -> None:
+    """Reject a change not yet applied."""
+    from service.change_requests import close
+    from service.change_schemas import Decision
+
+    decision = Decision(reason=reason)
+    _print_json(
+        _summary(_with_engine(lambda e: close(e, request_id, decision, withdraw=False, principal=_actor(), now=_now())))
+    )
+
+
+@change_requests.command("withdraw")
+@click.argument("request_id", type=int)
+@click.option("--reason", required=True)
+def change_requests_withdraw(request_id: int, reason: str) -> None:
+    """Withdraw your own change not yet applied."""
+    from service.change_requests import close
+    from service.change_schemas import Decision
+
+    decision = Decision(reason=reason)
+    _print_json(
+        _summary(_with_engine(lambda e: close(e, request_id, decision, withdraw=True, principal=_actor(), now=_now())))
+    )
 
 
 @main.command()

@@ -12,6 +12,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import Principal, create_key
+from service.change_requests import bootstrap_pipeline
 from service.pipelines import read_training_csv, train_and_register
 from service.repositories.pipelines import get_slots
 from service.settings import Settings
@@ -77,13 +78,14 @@ async def _demo_pipeline(engine: AsyncEngine, settings: Settings) -> None:
         return
     rows, labels, digest = read_training_csv(data, "Converted")
     registered = await train_and_register(
+        engine, spec_text=spec.read_text(), rows=rows, labels=labels, data_sha256=digest, actor="dev-mode"
+    )
+    await bootstrap_pipeline(
         engine,
-        spec_text=spec.read_text(),
-        rows=rows,
-        labels=labels,
-        data_sha256=digest,
-        activate=True,
-        actor="dev-mode",
+        registered.version_id,
+        principal=DEV_MODE,
+        reason="dev mode: the demo pipeline",
+        now=dt.datetime.now(dt.UTC),
     )
     log.info(
         "dev mode: trained the demo pipeline and made it active (research data, not a product default)",

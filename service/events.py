@@ -101,9 +101,11 @@ class EventAccepted(BaseModel):
     lead_id: uuid.UUID | None = Field(description="The lead of the events, or null when they name several.")
     score: float | None = Field(description="The lead's current score (single-lead requests; null if unscored).")
     grade: str | None = Field(description="The lead's current grade (single-lead requests).")
+    stage: str | None = Field(description="The lead's lifecycle stage after these events (single-lead requests).")
     scores: dict[uuid.UUID, LeadScoreSummary] = Field(
         description="Current score of every lead named, by the active pipeline version."
     )
+    stages: dict[uuid.UUID, str] = Field(description="Lifecycle stage of every lead named, after these events.")
     lead_ids: list[uuid.UUID] = Field(description="The lead of each event, in request order.")
     event_ids: list[uuid.UUID] = Field(description="Leadscore's id of each event, in request order.")
     duplicate: bool = Field(description="True when every event of the request had been received before.")
@@ -162,6 +164,39 @@ class ScoreRead(ScoreValues):
     )
 
 
+class StageTransitionRead(BaseModel):
+    """One move of a lead between lifecycle stages, and why."""
+
+    id: uuid.UUID
+    lead_id: uuid.UUID
+    from_stage: str
+    to_stage: str
+    transitioned_at: dt.datetime
+    cause: str = Field(description="`policy`, `reevaluation` (a change request), `ops`, `crm` or `merge`.")
+    actor: str = Field(description="`policy:<id>`, or who moved it.")
+    reason: str | None
+    policy_id: int | None = Field(description="The threshold policy version that decided it.")
+    segment: str | None = Field(description="The policy segment whose criteria applied.")
+    score_record_id: uuid.UUID | None = Field(description="The score that triggered it.")
+    change_request_id: int | None
+    outcome_id: int | None
+    downstream: bool = Field(description="Whether this move may trigger routing and CRM handoff.")
+
+
+class StageMove(BaseModel):
+    """An ops move of a lead's lifecycle stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["subscriber", "lead", "mql", "sql", "opportunity", "customer", "disqualified", "recycled"]
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)] = Field(
+        description="Why; kept on the transition."
+    )
+    trigger_downstream: bool = Field(
+        default=True, description="Whether entering mql/sql this way may trigger routing and CRM handoff."
+    )
+
+
 class LeadRead(BaseModel):
     """A lead with its identities, current score, score history and most recent events."""
 
@@ -178,6 +213,11 @@ class LeadRead(BaseModel):
     score: ScoreRead | None = Field(description="The latest score by the active pipeline version(s).")
     shadow_score: ScoreRead | None = Field(description="The latest score by a shadow version, if any.")
     score_history: list[ScoreRead] = Field(description="Most recent first, without explanations.")
+    stage: str = Field(
+        description="Lifecycle stage: subscriber, lead, mql, sql, opportunity, customer, disqualified or recycled."
+    )
+    stage_changed_at: dt.datetime | None
+    transitions: list[StageTransitionRead] = Field(description="Stage transitions, most recent first.")
     assignment: AssignmentRead | None = Field(
         default=None, description="The current assignment (owner, pool or queue), if the lead was routed."
     )

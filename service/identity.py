@@ -41,6 +41,8 @@ class LeadState:
     trait_times: dict[str, str] = field(default_factory=dict)
     first_event_at: dt.datetime | None = None
     last_event_at: dt.datetime | None = None
+    # The lifecycle stage; new leads start as `lead` (the threshold policy moves them on).
+    stage: str = "lead"
     is_new: bool = False
     changed: bool = False
 

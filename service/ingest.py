@@ -20,6 +20,7 @@ import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from scoring.lifecycle import rank
 from service.db import writer_connection
 from service.errors import StorageUnavailable
 from service.events import LeadEvent
@@ -27,8 +28,10 @@ from service.identity import Resolver
 from service.ids import uuid7
 from service.metrics import DB_ERRORS, GROUP_COMMIT_EVENTS
 from service.pipelines import Pipelines, score_leads
+from service.qualification import LoadedPolicy, decide_after_scores, record_transitions, transition_row
 from service.repositories import ingest as repo
 from service.repositories import pipelines as pipelines_repo
+from service.repositories import qualification as qualification_repo
 
 log = structlog.get_logger(__name__)
 NO_PIPELINES = Pipelines()
@@ -54,6 +57,8 @@ class IngestResult:
     duplicates: list[bool]
     # The active pipeline's current score of each lead: score, grade, probability, pipeline_version.
     scores: dict[uuid.UUID, dict[str, Any]]
+    # Each lead's lifecycle stage after the batch.
+    stages: dict[uuid.UUID, str]
 
     @property
     def duplicate(self) -> bool:
@@ -90,10 +95,12 @@ async def write_batch(
     now: dt.datetime,
     *,
     pipelines: Pipelines = NO_PIPELINES,
+    policy: LoadedPolicy | None = None,
     lookback: dt.timedelta = dt.timedelta(days=365),
 ) -> list[IngestResult]:
     """Write the jobs in the connection's open transaction, re-scoring every lead an event touched
-    with the active (and shadow) pipeline; the caller commits."""
+    with the active (and shadow) pipeline and applying the active threshold policy to the new
+    scores; the caller commits."""
     event_refs = [(job.source_id, key) for job in jobs for key in job.event_keys]
     identity_keys = [k for job in jobs for e in job.events for k in e.subject.identities()]
     await repo.lock_names(
@@ -170,12 +177,10 @@ async def write_batch(
     for row in event_rows:
         row["lead_id"] = resolver.final(row["lead_id"])
     new_leads = [s for s in resolver.leads.values() if s.is_new]
-    changed = [s for s in resolver.leads.values() if s.changed and not s.is_new]
     await repo.insert_requests(conn, request_rows)
     await repo.insert_leads(conn, new_leads, now)
     await repo.insert_identities(conn, {k: resolver.final(v) for k, v in resolver.new_identities.items()}, now)
     await repo.record_merges(conn, resolver.merges, now)
-    await repo.update_leads(conn, changed, now)
     await repo.insert_events(conn, event_rows)
 
     # The event rows carry final lead ids; the last new event of a lead is what triggered its score.
@@ -188,12 +193,28 @@ async def write_batch(
         now=now,
         lookback=lookback,
     )
+    # Qualification: the policy decides in memory; a stage that moves rides on the lead update
+    # below (no statement of its own), and the transitions are one insert for the batch.
+    transitions = merged_stages(resolver, now)
+    if policy is not None and records:
+        current = {lead_id: (resolver.leads[lead_id].stage, resolver.leads[lead_id].traits) for lead_id in records}
+        transitions += decide_after_scores(policy, current, records, now=now)
+    moved: set[uuid.UUID] = set()
+    for transition in transitions:
+        state = resolver.leads[transition["lead_id"]]
+        state.stage = transition["to_stage"]
+        moved.add(state.id)
+    await repo.update_leads(
+        conn, [s for s in resolver.leads.values() if (s.changed and not s.is_new) or s.id in moved], now
+    )
+    await record_transitions(conn, transitions, now=now, lead_rows_written=True)
     results = [
         IngestResult(
             lead_ids=[resolver.final(lead_id) for _, lead_id in refs],
             event_ids=[event_id for event_id, _ in refs],
             duplicates=dups,
             scores={},
+            stages={},
         )
         for refs, dups in raw
     ]
@@ -201,9 +222,40 @@ async def write_batch(
     if unscored and pipelines.active is not None:
         # Repeats re-score nothing: answer with the lead's current score.
         records.update(await pipelines_repo.latest_scores(conn, sorted(unscored)))
+    named = {lead_id for r in results for lead_id in r.lead_ids}
+    stages = {lead_id: resolver.leads[lead_id].stage for lead_id in named if lead_id in resolver.leads}
+    if len(stages) < len(named):
+        stages.update(await qualification_repo.lead_stages(conn, sorted(named - stages.keys())))
     for result in results:
         result.scores.update({lead_id: _summary(records[lead_id]) for lead_id in result.lead_ids if lead_id in records})
+        result.stages.update({lead_id: stages[lead_id] for lead_id in result.lead_ids if lead_id in stages})
     return results
+
+
+def merged_stages(resolver: Resolver, now: dt.datetime) -> list[dict[str, Any]]:
+    """When a merged lead was further down the funnel than the lead it merged into, the survivor
+    takes its stage (a customer found to be a known lead stays a customer); one transition each.
+    Stages off the funnel (disqualified, recycled) are not carried over: the survivor's stands."""
+    rows: list[dict[str, Any]] = []
+    for merge in resolver.merges:
+        survivor = resolver.leads[resolver.final(merge.survivor_id)]
+        merged = resolver.leads[merge.merged_id]
+        ahead, behind = rank(merged.stage), rank(survivor.stage)
+        if ahead is not None and behind is not None and ahead > behind:
+            rows.append(
+                transition_row(
+                    lead_id=survivor.id,
+                    from_stage=survivor.stage,
+                    to_stage=merged.stage,
+                    now=now,
+                    cause="merge",
+                    actor="merge",
+                    reason=f"merged with lead {merged.id}",
+                    downstream=False,
+                )
+            )
+            survivor.stage = merged.stage
+    return rows
 
 
 _Pending = tuple[IngestJob, "asyncio.Future[IngestResult]"]
@@ -220,10 +272,12 @@ class IngestWriter:
         retry_after: int,
         writers: int = 1,
         pipelines: Callable[[], Pipelines] = lambda: NO_PIPELINES,
+        policy: Callable[[], LoadedPolicy | None] = lambda: None,
         lookback: dt.timedelta = dt.timedelta(days=365),
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self._pipelines = pipelines
+        self._policy = policy
         self._lookback = lookback
         self._engine = engine
         self._max_batch_events = max_batch_events
@@ -327,7 +381,12 @@ class IngestWriter:
         try:
             async with conn.begin():
                 return await write_batch(
-                    conn, jobs, self._clock(), pipelines=self._pipelines(), lookback=self._lookback
+                    conn,
+                    jobs,
+                    self._clock(),
+                    pipelines=self._pipelines(),
+                    policy=self._policy(),
+                    lookback=self._lookback,
                 )
         except BaseException:
             held.clear()

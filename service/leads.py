@@ -10,8 +10,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.errors import LeadNotFound
 from service.events import EventRead, IdentityRead, LeadRead, ScoreRead
 from service.pipelines import unpack_explanation
+from service.qualification import transition_read
 from service.repositories import leads as repo
 from service.repositories import pipelines as pipelines_repo
+from service.repositories import qualification as qualification_repo
 from service.repositories import routing as routing_repo
 from service.routing_schemas import AssignmentRead
 
@@ -30,6 +32,7 @@ async def read_lead(
         current = (await pipelines_repo.latest_scores(conn, [live_id])).get(live_id)
         shadow = (await pipelines_repo.latest_scores(conn, [live_id], shadow=True)).get(live_id)
         history = await pipelines_repo.score_history(conn, live_id, limit=history_limit)
+        transitions = await qualification_repo.lead_transitions(conn, live_id, limit=history_limit)
         assigned = await routing_repo.latest_assignment(conn, [live_id, *merged])
     return LeadRead(
         id=live_id,
@@ -45,6 +48,9 @@ async def read_lead(
         score=_score(current),
         shadow_score=_score(shadow),
         score_history=[_score(h, explanation=False) for h in history],
+        stage=row["stage"],
+        stage_changed_at=row["stage_changed_at"],
+        transitions=[transition_read(t) for t in transitions],
         assignment=_assignment(assigned),
     )
 

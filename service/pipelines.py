@@ -299,7 +299,6 @@ def read_training_csv(path: Path, label: str) -> tuple[list[dict[str, str]], lis
 class Registered:
     version_id: int
     metrics: dict[str, Any]
-    activated: bool
 
 
 async def train_and_register(
@@ -309,11 +308,11 @@ async def train_and_register(
     rows: Sequence[Mapping[str, Any]],
     labels: Sequence[int],
     data_sha256: str | None,
-    activate: bool,
     actor: str,
     progress: Callable[[str, float], None] | None = None,
 ) -> Registered:
-    """Train a spec on labelled rows and store it as a new immutable version (optionally active)."""
+    """Train a spec on labelled rows and store it as a new immutable version. Making it active is a
+    change request (`service.change_requests.activate_pipeline`)."""
     spec = parse_spec(spec_text)
     # Training is CPU-bound for seconds: keep it off the event loop.
     result = await asyncio.to_thread(train_pipeline, spec, rows, labels, progress=progress)
@@ -330,9 +329,7 @@ async def train_and_register(
             created_by=actor,
             now=now,
         )
-        if activate:
-            await repo.set_slot(conn, slot="active", version_id=version_id, actor=actor, now=now)
-    return Registered(version_id=version_id, metrics=result.metrics, activated=activate)
+    return Registered(version_id=version_id, metrics=result.metrics)
 
 
 async def assign_slot(engine: AsyncEngine, *, slot: str, version_id: int | None, actor: str) -> None:

@@ -62,10 +62,36 @@ class Settings(BaseSettings):
         "32 % of the framework ceiling with 2 writers, 44 % with 1).",
     )
     pipeline_refresh_seconds: float = Field(
-        default=2.0, gt=0, description="How often a process checks which pipeline version is active or shadow."
+        default=2.0,
+        gt=0,
+        description="How often a process checks which pipeline version is active or shadow, and which "
+        "threshold policy is active.",
     )
     activity_lookback_days: int = Field(
         default=365, ge=1, description="How far back a lead's activities are read when it is scored."
+    )
+    require_approval: bool = Field(
+        default=True,
+        description="Change requests need the approval of a second ops identity before they apply. Off: a "
+        "proposal is approved as it is made.",
+    )
+    change_window_days: int = Field(
+        default=90,
+        ge=1,
+        description="Default window of a change request: leads scored this many days back are previewed and, "
+        "with `reevaluate`, re-evaluated.",
+    )
+    impact_max_leads: int = Field(
+        default=10_000, ge=1, description="Most leads an impact preview considers (it says when it stopped short)."
+    )
+    reevaluation_batch_size: int = Field(
+        default=500, ge=1, description="Leads re-evaluated (and re-scored) per transaction when a change applies."
+    )
+    change_applier_seconds: float = Field(
+        default=5.0, gt=0, description="How often a process applies approved change requests whose time has come."
+    )
+    lost_outcome_stage: Literal["recycled", "disqualified"] = Field(
+        default="recycled", description="The stage a `lost` outcome from the CRM moves a lead to."
     )
     demo_pipeline_spec: Path = Field(
         default=Path("pipelines/x-education.yaml"),

@@ -10,10 +10,12 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.auth import Principal, authenticate, require_role
+from service.change_requests import ChangeApplier, ChangeControl
 from service.delivery.worker import DeliveryWorker
 from service.ingest import IngestWriter
 from service.oidc import OidcVerifier
 from service.pipelines import PipelineRegistry
+from service.qualification import PolicyRegistry
 from service.settings import Settings
 from service.sources import SourceRegistry
 from service.webhooks.receive import WebhookLimits
@@ -28,6 +30,9 @@ class Services:
     registry: SourceRegistry
     writer: IngestWriter
     pipelines: PipelineRegistry
+    policies: PolicyRegistry
+    control: ChangeControl
+    applier: ChangeApplier
     limits: WebhookLimits
     migration_head: str | None
     oidc: OidcVerifier | None = None

@@ -57,6 +57,7 @@ _LEAD_COLUMNS = (
     lead.c.first_event_at,
     lead.c.last_event_at,
     lead.c.merged_into_id,
+    lead.c.stage,
 )
 
 
@@ -88,6 +89,11 @@ class _SqliteStatements:
             trait_times=sa.bindparam("b_trait_times"),
             first_event_at=sa.bindparam("b_first"),
             last_event_at=sa.bindparam("b_last"),
+            # Evaluated on the row as it was, so the time only moves when the stage does.
+            stage_changed_at=sa.case(
+                (lead.c.stage != sa.bindparam("b_stage"), sa.bindparam("b_now")), else_=lead.c.stage_changed_at
+            ),
+            stage=sa.bindparam("b_stage"),
         )
     )
 
@@ -154,7 +160,9 @@ async def find_events(
 _PG_FIND_EVENTS = (
     "SELECT external_id, id, lead_id FROM inbound_event WHERE source_id = $1 AND external_id = ANY($2::text[])"
 )
-_PG_LEAD_COLUMNS = "l.id, l.created_at, l.traits, l.trait_times, l.first_event_at, l.last_event_at, l.merged_into_id"
+_PG_LEAD_COLUMNS = (
+    "l.id, l.created_at, l.traits, l.trait_times, l.first_event_at, l.last_event_at, l.merged_into_id, l.stage"
+)
 _PG_FIND_AND_LOCK = (
     f"SELECT i.namespace, i.value, {_PG_LEAD_COLUMNS} FROM lead_identity i "
     "JOIN unnest($1::text[], $2::text[]) AS k(ns, v) ON i.namespace = k.ns AND i.value = k.v "
@@ -200,6 +208,7 @@ def _keep(row: Mapping[Any, Any], states: dict[uuid.UUID, LeadState], merged: di
         trait_times=dict(row["trait_times"]),
         first_event_at=row["first_event_at"],
         last_event_at=row["last_event_at"],
+        stage=row["stage"],
     )
     if row["merged_into_id"] is not None:
         merged[lead_id] = row["merged_into_id"]
@@ -323,6 +332,8 @@ async def insert_leads(conn: AsyncConnection, leads: Sequence[LeadState], now: d
                 "first_event_at": s.first_event_at,
                 "last_event_at": s.last_event_at,
                 "merged_into_id": None,
+                "stage": s.stage,
+                "stage_changed_at": None,
             }
             for s in leads
         ],
@@ -331,9 +342,10 @@ async def insert_leads(conn: AsyncConnection, leads: Sequence[LeadState], now: d
 
 _PG_UPDATE_LEADS = (
     "UPDATE lead SET updated_at = $1, traits = u.traits::jsonb, trait_times = u.trait_times::jsonb, "
-    "first_event_at = u.first_event_at, last_event_at = u.last_event_at "
-    "FROM unnest($2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) "
-    "AS u(id, traits, trait_times, first_event_at, last_event_at) WHERE lead.id = u.id"
+    "first_event_at = u.first_event_at, last_event_at = u.last_event_at, stage = u.stage, "
+    "stage_changed_at = CASE WHEN lead.stage <> u.stage THEN $1 ELSE lead.stage_changed_at END "
+    "FROM unnest($2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[]) "
+    "AS u(id, traits, trait_times, first_event_at, last_event_at, stage) WHERE lead.id = u.id"
 )
 
 
@@ -349,6 +361,7 @@ async def update_leads(conn: AsyncConnection, leads: Sequence[LeadState], now: d
             [orjson.dumps(s.trait_times).decode() for s in leads],
             [s.first_event_at for s in leads],
             [s.last_event_at for s in leads],
+            [s.stage for s in leads],
         )
         return
     await conn.execute(
@@ -361,6 +374,7 @@ async def update_leads(conn: AsyncConnection, leads: Sequence[LeadState], now: d
                 "b_trait_times": s.trait_times,
                 "b_first": s.first_event_at,
                 "b_last": s.last_event_at,
+                "b_stage": s.stage,
             }
             for s in leads
         ],

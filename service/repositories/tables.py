@@ -25,6 +25,11 @@ routing_activation = models.metadata.tables["routing_activation"]
 routing_pool_member = models.metadata.tables["routing_pool_member"]
 assignment = models.metadata.tables["assignment"]
 account_owner = models.metadata.tables["account_owner"]
+threshold_policy = models.metadata.tables["threshold_policy"]
+threshold_policy_slot = models.metadata.tables["threshold_policy_slot"]
+stage_transition = models.metadata.tables["stage_transition"]
+change_request = models.metadata.tables["change_request"]
+outcome = models.metadata.tables["outcome"]
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect: str) -> sa.Insert:

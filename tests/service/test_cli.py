@@ -16,6 +16,7 @@ from sqlalchemy import text
 from service.auth import hash_key
 from service.cli import main
 from service.db import create_engine
+from service.settings import Settings
 from tests.conftest import REPO_ROOT, SHARED
 
 
@@ -133,11 +134,45 @@ def test_train_registers_an_active_version_that_meets_the_bar_and_scores_a_file(
     listed = run(cli, "pipelines", "list")
     assert isinstance(listed, list)
     assert listed[0]["active"] is True
-    assert run(cli, "pipelines", "shadow", str(version.id)) == {"shadow": version.id}
-    assert run(cli, "pipelines", "shadow", "--clear") == {"shadow": None}
-    missing = cli.invoke(main, ["pipelines", "activate", "99"])
+    # The first activation was a bootstrap change request, applied at once.
+    [bootstrap] = rows(db_url, "SELECT kind, status, bootstrap FROM change_request")
+    assert tuple(bootstrap) == ("active_pipeline", "applied", True)
+
+
+def test_pipeline_slots_change_through_change_requests(
+    cli: CliRunner, db_url: str, monkeypatch: pytest.MonkeyPatch, trained: Any
+) -> None:
+    from tests.service.test_scoring_service import register
+
+    settings = Settings(database_url=db_url, _env_file=None)  # type: ignore[call-arg]
+    version = asyncio.run(register(settings, trained))
+    shadow = run(cli, "pipelines", "shadow", str(version), "--reason", "try it")
+    assert isinstance(shadow, dict)
+    assert (shadow["kind"], shadow["status"], shadow["bootstrap"]) == ("shadow_pipeline", "pending", False)
+    own = cli.invoke(main, ["change-requests", "approve", str(shadow["id"])])
+    assert own.exit_code == 1
+    assert "SelfApprovalRefused" in own.output
+    assert rows(db_url, "SELECT count(*) FROM pipeline_slot WHERE slot = 'shadow'") == [(0,)]
+    no_reason = cli.invoke(main, ["pipelines", "activate", str(version)])
+    assert no_reason.exit_code == 1
+    assert "needs a reason" in no_reason.output
+    missing = cli.invoke(main, ["pipelines", "activate", "99", "--reason", "x"])
     assert missing.exit_code == 1
-    assert "PipelineNotFound" in missing.output
+    assert "no pipeline version 99" in missing.output
+    rejected = run(cli, "change-requests", "reject", str(shadow["id"]), "--reason", "not now")
+    assert isinstance(rejected, dict)
+    assert rejected["status"] == "rejected"
+    monkeypatch.setenv("LEADSCORE_REQUIRE_APPROVAL", "false")
+    applied = run(cli, "pipelines", "shadow", str(version), "--reason", "try it")
+    assert isinstance(applied, dict)
+    assert applied["status"] == "applied"
+    assert rows(db_url, "SELECT version_id FROM pipeline_slot WHERE slot = 'shadow'") == [(version,)]
+    listed = run(cli, "change-requests", "list", "--status", "applied")
+    assert isinstance(listed, list)
+    assert [r["id"] for r in listed] == [applied["id"]]
+    shown = run(cli, "change-requests", "show", str(shadow["id"]))
+    assert isinstance(shown, dict)
+    assert shown["close_reason"] == "not now"
 
 
 def test_train_refuses_a_missing_label_and_a_bad_spec(cli: CliRunner, tmp_path: Path) -> None:
@@ -156,3 +191,23 @@ def test_score_without_an_active_pipeline_says_so(cli: CliRunner, tmp_path: Path
     result = cli.invoke(main, ["score", "--data", str(DATA), "--out", str(tmp_path / "o.csv")])
     assert result.exit_code == 1
     assert "NoActivePipeline" in result.output
+
+
+def test_thresholds_propose_from_a_file(cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example = REPO_ROOT / "pipelines" / "x-education-thresholds.yaml"
+    proposed = run(cli, "thresholds", "propose", str(example), "--reason", "first line", "--reevaluate")
+    assert isinstance(proposed, dict)
+    assert (proposed["kind"], proposed["status"], proposed["impact"]["changes"]) == ("threshold_policy", "pending", 0)
+    assert run(cli, "thresholds", "list") == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndefault: {mql: {field: visits, op: gte, value: 1}}\n")
+    refused = cli.invoke(main, ["thresholds", "propose", str(bad), "--reason", "x"])
+    assert refused.exit_code == 1
+    assert "unknown score field 'visits'" in refused.output
+    monkeypatch.setenv("LEADSCORE_REQUIRE_APPROVAL", "false")
+    applied = run(cli, "thresholds", "propose", str(example), "--reason", "now")
+    assert isinstance(applied, dict)
+    assert applied["status"] == "applied"
+    listed = run(cli, "thresholds", "list")
+    assert isinstance(listed, list)
+    assert [(p["version"], p["active"], p["name"]) for p in listed] == [(1, True, "x-education-example")]
