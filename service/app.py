@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:
             log.warning("could not load the threshold policy at start", error=str(exc))
         policies.start()
+        control = ChangeControl.from_settings(settings)  # fails start-up on a bad destinations setting
         writer = IngestWriter(
             engine,
             max_batch_events=settings.group_commit_max_events,
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pipelines=lambda: pipelines.current,
             policy=lambda: policies.current,
             lookback=dt.timedelta(days=settings.activity_lookback_days),
+            handoff=control.handoff,
         )
         writer.start()
         destinations = tuple(sorted(build_adapters(settings)))  # fails start-up on a bad configuration
@@ -90,7 +92,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         delivery, client = build_worker(engine, settings) if in_process else (None, None)
         if delivery is not None:
             delivery.start()
-        control = ChangeControl.from_settings(settings)
         applier = ChangeApplier(engine, control=control, interval_seconds=settings.change_applier_seconds)
         applier.start()
         app.state.services = Services(

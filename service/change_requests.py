@@ -50,6 +50,7 @@ from service.change_schemas import (
 )
 from service.db import write_transaction
 from service.errors import Forbidden, LeadscoreError, NotFound
+from service.handoff import NO_TARGETS, HandoffTargets
 from service.pipelines import InvalidPipeline, LoadedPipeline, Pipelines, compile_version, profile_of, score_leads
 from service.qualification import (
     LoadedPolicy,
@@ -103,10 +104,13 @@ class ChangeControl:
     sample_size: int = 20
     batch_size: int = 500
     lookback: dt.timedelta = dt.timedelta(days=365)
+    # Where leads that a re-evaluation newly qualifies are handed off (with `trigger_downstream`).
+    handoff: HandoffTargets = NO_TARGETS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ChangeControl:
         return cls(
+            handoff=HandoffTargets.from_settings(settings),
             require_approval=settings.require_approval,
             window_days=settings.change_window_days,
             impact_max_leads=settings.impact_max_leads,
@@ -657,7 +661,7 @@ async def reevaluate(
                 downstream=row["trigger_downstream"],
                 change_request_id=row["id"],
             )
-            await record_transitions(conn, rows, now=now)
+            await record_transitions(conn, rows, now=now, handoff=control.handoff)
         for transition in rows:
             tally.add(transition)
         tally.considered += len(leads)

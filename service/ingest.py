@@ -24,6 +24,7 @@ from scoring.lifecycle import rank
 from service.db import writer_connection
 from service.errors import StorageUnavailable
 from service.events import LeadEvent
+from service.handoff import NO_TARGETS, HandoffTargets
 from service.identity import Resolver
 from service.ids import uuid7
 from service.metrics import DB_ERRORS, GROUP_COMMIT_EVENTS
@@ -97,6 +98,7 @@ async def write_batch(
     pipelines: Pipelines = NO_PIPELINES,
     policy: LoadedPolicy | None = None,
     lookback: dt.timedelta = dt.timedelta(days=365),
+    handoff: HandoffTargets = NO_TARGETS,
 ) -> list[IngestResult]:
     """Write the jobs in the connection's open transaction, re-scoring every lead an event touched
     with the active (and shadow) pipeline and applying the active threshold policy to the new
@@ -207,7 +209,7 @@ async def write_batch(
     await repo.update_leads(
         conn, [s for s in resolver.leads.values() if (s.changed and not s.is_new) or s.id in moved], now
     )
-    await record_transitions(conn, transitions, now=now, lead_rows_written=True)
+    await record_transitions(conn, transitions, now=now, handoff=handoff, lead_rows_written=True)
     results = [
         IngestResult(
             lead_ids=[resolver.final(lead_id) for _, lead_id in refs],
@@ -274,8 +276,10 @@ class IngestWriter:
         pipelines: Callable[[], Pipelines] = lambda: NO_PIPELINES,
         policy: Callable[[], LoadedPolicy | None] = lambda: None,
         lookback: dt.timedelta = dt.timedelta(days=365),
+        handoff: HandoffTargets = NO_TARGETS,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
+        self._handoff = handoff
         self._pipelines = pipelines
         self._policy = policy
         self._lookback = lookback
@@ -387,6 +391,7 @@ class IngestWriter:
                     pipelines=self._pipelines(),
                     policy=self._policy(),
                     lookback=self._lookback,
+                    handoff=self._handoff,
                 )
         except BaseException:
             held.clear()

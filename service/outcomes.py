@@ -29,6 +29,7 @@ from scoring.lifecycle import rank
 from scoring.recommend import cutoff_table, for_precision, for_volume
 from service.change_schemas import Recommendation
 from service.errors import LeadNotFound, LeadscoreError
+from service.handoff import NO_TARGETS
 from service.qualification import move_stage
 from service.repositories import leads as leads_repo
 from service.repositories import qualification as repo
@@ -125,6 +126,7 @@ async def record_outcomes(
                 cause="crm",
                 downstream=False,
                 now=now,
+                handoff=NO_TARGETS,  # an outcome never routes: the CRM already has the lead
                 outcome_id=inserted[0]["id"],
             )
         results.append(

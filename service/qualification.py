@@ -25,6 +25,7 @@ from service.change_schemas import ThresholdPolicyRead
 from service.db import write_transaction
 from service.errors import LeadNotFound, LeadscoreError
 from service.events import StageMove, StageTransitionRead
+from service.handoff import HandoffTargets, hand_off
 from service.ids import uuid7
 from service.metrics import STAGE_TRANSITIONS
 from service.repositories import leads as leads_repo
@@ -188,14 +189,20 @@ def transition_row(
 
 
 async def record_transitions(
-    conn: AsyncConnection, rows: Sequence[dict[str, Any]], *, now: dt.datetime, lead_rows_written: bool = False
+    conn: AsyncConnection,
+    rows: Sequence[dict[str, Any]],
+    *,
+    now: dt.datetime,
+    handoff: HandoffTargets,
+    lead_rows_written: bool = False,
 ) -> list[dict[str, Any]]:
     """Write stage transitions, in the caller's transaction: the only place that does.
 
     Sets the leads' stage (unless the caller's own lead update already carries it, as the ingest
     batch's does: `lead_rows_written`), appends the transitions (one statement), counts them, and
     returns those flagged `downstream`: the leads that newly entered mql/sql and may be routed.
-    Routing assigns and enqueues their CRM handoff here, in this same transaction.
+    Those are routed and their CRM handoffs enqueued (`service.handoff.hand_off`) here, in this same
+    transaction, so a stage change, its assignment and its outbox rows commit together or not at all.
     """
     if not rows:
         return []
@@ -204,7 +211,10 @@ async def record_transitions(
     await repo.insert_transitions(conn, rows)
     for row in rows:
         STAGE_TRANSITIONS.labels(row["from_stage"], row["to_stage"]).inc()
-    return [row for row in rows if row["downstream"]]
+    downstream = [row for row in rows if row["downstream"]]
+    if downstream:
+        await hand_off(conn, downstream, targets=handoff, now=now)
+    return downstream
 
 
 def decide_after_scores(
@@ -258,6 +268,7 @@ async def move_stage(
     cause: str,
     downstream: bool,
     now: dt.datetime,
+    handoff: HandoffTargets,
     outcome_id: int | None = None,
 ) -> dict[str, Any]:
     """Move a live lead to `stage` by hand (ops) or on a CRM outcome, in the caller's transaction.
@@ -284,12 +295,18 @@ async def move_stage(
         downstream=downstream,
         outcome_id=outcome_id,
     )
-    await record_transitions(conn, [transition], now=now)
+    await record_transitions(conn, [transition], now=now, handoff=handoff)
     return transition
 
 
 async def move_lead_stage(
-    engine: AsyncEngine, lead_id: uuid.UUID, move: StageMove, *, principal: Principal, now: dt.datetime
+    engine: AsyncEngine,
+    lead_id: uuid.UUID,
+    move: StageMove,
+    *,
+    principal: Principal,
+    handoff: HandoffTargets,
+    now: dt.datetime,
 ) -> StageTransitionRead:
     """The ops action: move a lead's stage by hand, with a reason."""
     async with write_transaction(engine) as conn:
@@ -302,6 +319,7 @@ async def move_lead_stage(
             cause="ops",
             downstream=move.trigger_downstream,
             now=now,
+            handoff=handoff,
         )
         await append_audit(
             conn,

@@ -44,4 +44,6 @@ async def move_stage(
     lead_id: uuid.UUID, move: Annotated[StageMove, Body()], services: ServicesDep, principal: OpsAdmin
 ) -> StageTransitionRead:
     """Move a lead's lifecycle stage by hand (ops); moving back needs a reason, which is kept."""
-    return await move_lead_stage(services.engine, lead_id, move, principal=principal, now=utcnow())
+    return await move_lead_stage(
+        services.engine, lead_id, move, principal=principal, handoff=services.control.handoff, now=utcnow()
+    )
