@@ -5,18 +5,16 @@ exactly once; rejections become dead letters that a replay delivers once the CRM
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +22,16 @@ import pytest
 import sqlalchemy as sa
 
 from service.crm import Handoff
-from service.db import create_engine, write_transaction
+from service.db import write_transaction
 from service.delivery import enqueue_deliveries, handoff_item
+from tests.e2e.support import BIN, Database, Workers, wait_until
 from tests.peers.process import CrmPeer
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
 SECRET = "whsec_" + base64.b64encode(b"end-to-end delivery signing key!").decode()
 HANDOFFS = 1000
 REJECTED = 40  # the CRM refuses these until it is fixed
-
-
-class Database:
-    """One engine on one event loop for the test's own reads and writes (polling with a new engine
-    each time cost more CPU than the workers on a busy machine)."""
-
-    def __init__(self, url: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.engine = create_engine(url, pool_size=1)
-
-    def run(self, fn: Callable[[Any], Any]) -> Any:
-        return self.loop.run_until_complete(fn(self.engine))
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.engine.dispose())
-        self.loop.close()
-
-    def counts(self) -> dict[str, int]:
-        async def go(engine: Any) -> dict[str, int]:
-            async with engine.connect() as conn:
-                rows = await conn.execute(sa.text("SELECT status, count(*) FROM delivery GROUP BY status"))
-                return {status: int(n) for status, n in rows}
-
-        result: dict[str, int] = self.run(go)
-        return result
 
 
 def enqueue_all(db: Database) -> None:
@@ -84,48 +57,6 @@ def enqueue_all(db: Database) -> None:
                 await enqueue_deliveries(conn, items[start : start + 250], now=now)
 
     db.run(go)
-
-
-def wait_until(what: str, check: Callable[[], bool], *, timeout: float, logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
-            raise AssertionError(f"timed out waiting for {what}\n{tails}")
-        time.sleep(0.25)
-
-
-class Workers:
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.env = env
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    @property
-    def logs(self) -> list[Path]:
-        return [self.workdir / f"worker-{i}.log" for i in range(len(self.procs))]
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"worker-{len(self.procs)}.log").open("w")
-        proc = subprocess.Popen(
-            [BIN / "leadscore", "worker", "--concurrency", "16"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> list[int]:
-        codes = []
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                codes.append(proc.wait(timeout=20))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                codes.append(proc.wait(timeout=10))
-        return codes
 
 
 @pytest.fixture
