@@ -266,8 +266,8 @@ async def _validate(conn: AsyncConnection, change: Any) -> None:
     elif isinstance(change, RoutingRulesChange):
         if change.spec is not None:
             validate_spec(change.spec)
-        else:
-            await _routing_version(conn, change.version)  # type: ignore[arg-type]  # one of the two is set
+        elif change.version is not None:
+            await _routing_version(conn, change.version)
     elif isinstance(change, RollbackChange):
         if change.target == "routing_rules":
             if change.version not in await routing_repo.ever_activated(conn):
