@@ -374,12 +374,13 @@ async def compute_impact(
     engine: AsyncEngine, change: Any, *, window_days: int, control: ChangeControl, now: dt.datetime
 ) -> Impact:
     """What applying `change` with re-evaluation would do to the stages of the leads scored in the
-    last `window_days` days (at most `control.impact_max_leads` of them). Changes nothing."""
+    last `window_days` days (at most `control.impact_max_leads` of them); for routing rules, where
+    the leads routed in the window would go instead. Changes nothing."""
+    if _is_routing(change):
+        return await _routing_impact(engine, change, window_days=window_days, control=control, now=now)
     tally = _Tally(control.sample_size)
     truncated = False
     since = now - dt.timedelta(days=window_days)
-    if _is_routing(change):
-        return await _routing_impact(engine, change, window_days=window_days, control=control, now=now)
     async with engine.connect() as conn:
         policy, pipeline, note = await _outcome_of(conn, change)
         after: uuid.UUID | None = None
