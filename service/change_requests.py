@@ -1,4 +1,4 @@
-"""Change control: every change to what qualifies or scores leads is a change request.
+"""Change control: every change to what qualifies, scores or routes leads is a change request.
 
 Life of a request::
 
@@ -17,6 +17,9 @@ in process for a pipeline change), and says whether applying it re-evaluates exi
 (`reevaluate`, in batches of their own transactions) and whether leads that newly qualify then may
 be routed (`trigger_downstream`, recorded on their transitions). The preview and the re-evaluation
 run the same code over the same leads, so the preview's counts are what the re-evaluation does.
+A routing rules change moves no stage: its preview routes the window's routed leads in process
+with the proposed rules instead (no counter moves), and applying it activates the version in the
+apply transaction.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import contextlib
 import datetime as dt
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +47,7 @@ from service.change_schemas import (
     Decision,
     Impact,
     RollbackChange,
+    RoutingRulesChange,
     SegmentImpact,
     ShadowPipelineChange,
     ThresholdPolicyChange,
@@ -62,6 +66,15 @@ from service.qualification import (
 from service.repositories import change_requests as repo
 from service.repositories import pipelines as pipelines_repo
 from service.repositories import qualification as qualification_repo
+from service.repositories import routing as routing_repo
+from service.routing import (
+    InvalidRoutingSpec,
+    activate_spec_in,
+    activate_version_in,
+    router_for,
+    routing_impact,
+    validate_spec,
+)
 from service.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -211,6 +224,7 @@ def _change(kind: str, payload: Mapping[str, Any]) -> Any:
         "threshold_policy": ThresholdPolicyChange,
         "active_pipeline": ActivePipelineChange,
         "shadow_pipeline": ShadowPipelineChange,
+        "routing_rules": RoutingRulesChange,
         "rollback": RollbackChange,
     }
     return models[kind].model_validate(dict(payload))
@@ -232,12 +246,38 @@ async def _active_policy(conn: AsyncConnection) -> LoadedPolicy | None:
     return None if row is None else load_policy_row(row)
 
 
+def _is_routing(change: Any) -> bool:
+    return isinstance(change, RoutingRulesChange) or (
+        isinstance(change, RollbackChange) and change.target == "routing_rules"
+    )
+
+
+async def _routing_version(conn: AsyncConnection, version: int) -> None:
+    row = await routing_repo.get_version(conn, version)
+    if row is None:
+        raise InvalidChange(f"no routing rules version {version}")
+    try:
+        validate_spec(row["spec"])
+    except InvalidRoutingSpec as exc:
+        raise InvalidChange(exc.detail) from None
+
+
 async def _validate(conn: AsyncConnection, change: Any) -> None:
-    """Refuse a change that could not be applied as it stands."""
+    """Refuse a change that could not be applied as it stands (a bad routing spec:
+    `InvalidRoutingSpec`, naming each problem)."""
     if isinstance(change, ActivePipelineChange | ShadowPipelineChange) and change.version is not None:
         await _pipeline(conn, change.version)
+    elif isinstance(change, RoutingRulesChange):
+        if change.spec is not None:
+            validate_spec(change.spec)
+        elif change.version is not None:
+            await _routing_version(conn, change.version)
     elif isinstance(change, RollbackChange):
-        if change.target == "threshold_policy":
+        if change.target == "routing_rules":
+            if change.version not in await routing_repo.ever_activated(conn):
+                raise InvalidChange(f"routing rules version {change.version} was never active")
+            await _routing_version(conn, change.version)
+        elif change.target == "threshold_policy":
             if await qualification_repo.get_policy(conn, change.version) is None:
                 raise InvalidChange(f"no threshold policy version {change.version}")
         else:
@@ -338,7 +378,10 @@ async def compute_impact(
     engine: AsyncEngine, change: Any, *, window_days: int, control: ChangeControl, now: dt.datetime
 ) -> Impact:
     """What applying `change` with re-evaluation would do to the stages of the leads scored in the
-    last `window_days` days (at most `control.impact_max_leads` of them). Changes nothing."""
+    last `window_days` days (at most `control.impact_max_leads` of them); for routing rules, where
+    the leads routed in the window would go instead. Changes nothing."""
+    if _is_routing(change):
+        return await _routing_impact(engine, change, window_days=window_days, control=control, now=now)
     tally = _Tally(control.sample_size)
     truncated = False
     since = now - dt.timedelta(days=window_days)
@@ -378,6 +421,46 @@ async def compute_impact(
     )
 
 
+async def _routing_impact(
+    engine: AsyncEngine, change: Any, *, window_days: int, control: ChangeControl, now: dt.datetime
+) -> Impact:
+    """A routing change moves no stage: its impact is where the window's routed leads would go."""
+    async with engine.connect() as conn:
+        if isinstance(change, RoutingRulesChange) and change.spec is not None:
+            router = await router_for(conn, spec=validate_spec(change.spec))
+        else:
+            router = await router_for(conn, version=change.version)
+        policy = await _active_policy(conn)
+
+        def segment_for(traits: Mapping[str, Any]) -> str | None:
+            return policy.compiled.segment_for(traits) if policy is not None else None
+
+        routing, truncated = await routing_impact(
+            conn,
+            router,
+            since=now - dt.timedelta(days=window_days),
+            max_leads=control.impact_max_leads,
+            batch_size=control.batch_size,
+            sample_size=control.sample_size,
+            segment_for=segment_for,
+            now=now,
+        )
+    return Impact(
+        computed_at=now,
+        window_days=window_days,
+        truncated=truncated,
+        sample=[move.lead_id for move in routing.sample],
+        note="routing rules move no stage; `routing` shows where the window's routed leads would go",
+        leads_considered=routing.leads_considered,
+        changes=0,
+        up=0,
+        down=0,
+        moves={},
+        by_segment={},
+        routing=routing,
+    )
+
+
 async def preview(engine: AsyncEngine, request_id: int, *, control: ChangeControl, now: dt.datetime) -> Impact:
     """The impact of a change request computed afresh from the current data; stores nothing."""
     async with engine.connect() as conn:
@@ -395,6 +478,8 @@ async def propose(
 ) -> ChangeRequestRead:
     """Record a proposed change with its impact preview; approved at once when approval is not
     required, and then applied at once unless it is scheduled later."""
+    if _is_routing(body.change) and body.reevaluate:
+        raise InvalidChange("a routing rules change moves no stage: there is nothing to re-evaluate")
     async with engine.connect() as conn:
         await _validate(conn, body.change)
     window_days = body.window_days or control.window_days
@@ -514,6 +599,16 @@ async def _perform(
     conn: AsyncConnection, request_id: int, change: Any, *, author: str, actor: str, now: dt.datetime
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Make the change in the caller's transaction; returns `(before, result)`."""
+    if _is_routing(change):
+        await _validate(conn, change)
+        active = await routing_repo.active_version(conn)
+        previous = active[0] if active is not None else None
+        if isinstance(change, RoutingRulesChange) and change.spec is not None:
+            version = await activate_spec_in(conn, validate_spec(change.spec), created_by=author, actor=actor, now=now)
+        else:
+            version = change.version
+            await activate_version_in(conn, version, actor=actor, now=now)
+        return {"target": "routing_rules", "version": previous}, {"target": "routing_rules", "version": version}
     if isinstance(change, ThresholdPolicyChange):
         previous = await qualification_repo.active_policy_id(conn)
         policy_id = await qualification_repo.insert_policy(
@@ -675,10 +770,41 @@ async def bootstrap_pipeline(
     """Make the first-ever active pipeline version active at once, as a change request marked
     `bootstrap` (nothing was active, so nothing changes for any lead). Refused once a version is
     active: then a change request must be approved."""
-    change = ActivePipelineChange(kind="active_pipeline", version=version)
-    async with write_transaction(engine) as conn:
+
+    async def nothing_active(conn: AsyncConnection) -> None:
         if (await pipelines_repo.get_slots(conn)).get("active") is not None:
             raise ChangeRequestConflict("a pipeline version is already active; propose a change request")
+
+    change = ActivePipelineChange(kind="active_pipeline", version=version)
+    return await _bootstrap(engine, change, check=nothing_active, principal=principal, reason=reason, now=now)
+
+
+async def bootstrap_routing(
+    engine: AsyncEngine, change: RoutingRulesChange, *, principal: Principal, reason: str, now: dt.datetime
+) -> ChangeRequestRead:
+    """Make the first-ever routing rules active at once, as a change request marked `bootstrap`
+    (no lead was ever routed, so nothing moves). Refused once any version has been active: then
+    a change request must be approved."""
+
+    async def never_active(conn: AsyncConnection) -> None:
+        if await routing_repo.ever_activated(conn):
+            raise ChangeRequestConflict("routing rules have been active before; propose a change request")
+
+    return await _bootstrap(engine, change, check=never_active, principal=principal, reason=reason, now=now)
+
+
+async def _bootstrap(
+    engine: AsyncEngine,
+    change: Any,
+    *,
+    check: Callable[[AsyncConnection], Awaitable[None]],
+    principal: Principal,
+    reason: str,
+    now: dt.datetime,
+) -> ChangeRequestRead:
+    # The check runs in the writing transaction, so two bootstraps at once cannot both pass it.
+    async with write_transaction(engine) as conn:
+        await check(conn)
         await _validate(conn, change)
         request_id = await repo.insert(
             conn,
@@ -746,6 +872,32 @@ async def activate_pipeline(
         reevaluate=reevaluate,
         trigger_downstream=trigger_downstream,
     )
+    return await propose(engine, body, principal=principal, control=control, now=now)
+
+
+async def activate_routing(
+    engine: AsyncEngine,
+    change: RoutingRulesChange,
+    *,
+    principal: Principal,
+    reason: str | None,
+    control: ChangeControl,
+    now: dt.datetime,
+    apply_at: dt.datetime | None = None,
+    window_days: int | None = None,
+) -> ChangeRequestRead:
+    """Make routing rules active: at once as a bootstrap change request when no routing version
+    was ever active, else by proposing a change request (which needs `reason`, and approval when
+    required)."""
+    async with engine.connect() as conn:
+        never_active = not await routing_repo.ever_activated(conn)
+    if never_active and apply_at is None:
+        return await bootstrap_routing(
+            engine, change, principal=principal, reason=reason or "first routing rules", now=now
+        )
+    if not reason:
+        raise InvalidChange("a change request needs a reason")
+    body = ChangeRequestCreate(change=change, reason=reason, apply_at=apply_at, window_days=window_days)
     return await propose(engine, body, principal=principal, control=control, now=now)
 
 

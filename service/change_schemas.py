@@ -39,16 +39,31 @@ class ShadowPipelineChange(_In):
     version: int | None
 
 
+class RoutingRulesChange(_In):
+    """Make routing rules active: a full routing spec (stored as a new immutable version when no
+    version has exactly this spec), or a stored version by number. Exactly one of the two."""
+
+    kind: Literal["routing_rules"]
+    spec: dict[str, Any] | None = Field(default=None, description="A routing spec, as `routing load` reads it.")
+    version: int | None = Field(default=None, description="A stored routing rules version.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RoutingRulesChange:
+        if (self.spec is None) == (self.version is None):
+            raise ValueError("give exactly one of spec and version")
+        return self
+
+
 class RollbackChange(_In):
-    """Restore a threshold policy version, or a pipeline version that was active before."""
+    """Restore a threshold policy version, or a pipeline or routing rules version that was active before."""
 
     kind: Literal["rollback"]
-    target: Literal["threshold_policy", "active_pipeline"]
+    target: Literal["threshold_policy", "active_pipeline", "routing_rules"]
     version: int
 
 
 ProposedChange = Annotated[
-    ThresholdPolicyChange | ActivePipelineChange | ShadowPipelineChange | RollbackChange,
+    ThresholdPolicyChange | ActivePipelineChange | ShadowPipelineChange | RoutingRulesChange | RollbackChange,
     Field(discriminator="kind"),
 ]
 
@@ -93,8 +108,40 @@ class SegmentImpact(BaseModel):
     moves: dict[str, int] = Field(description="`from->to`: leads.")
 
 
+class RoutingTargets(BaseModel):
+    """Leads per destination: CRM owners (fixed, account or pool member), pools and queues."""
+
+    owners: dict[str, int]
+    pools: dict[str, int]
+    queues: dict[str, int]
+
+
+class RoutingMove(BaseModel):
+    lead_id: str
+    before: str = Field(description="`owner:<id>` or `queue:<name>` of its latest assignment.")
+    after: str = Field(description="Where the proposed rules would send it.")
+    rule_id: str | None
+    matched_by: str
+
+
+class RoutingImpact(BaseModel):
+    """Where the window's routed leads (their latest assignment) went and where the proposed rules
+    would send them, routed in process from the current pool counters and account owners (as
+    `POST /v1/routing/preview` does, in lead id order); no counter moves and nothing is stored."""
+
+    leads_considered: int = Field(description="Live leads whose latest assignment falls in the window.")
+    moved: int = Field(description="Leads that would reach another owner or queue.")
+    retargeted: int = Field(
+        description="Leads the rules would send to another pool, fixed owner or queue (not only another pool turn)."
+    )
+    before: RoutingTargets
+    after: RoutingTargets
+    sample: list[RoutingMove] = Field(description="Some of the leads that would move.")
+
+
 class Impact(BaseModel):
-    """What a change would do to lead stages, computed from stored data; nothing is changed."""
+    """What a change would do to lead stages (and, for routing rules, to where routed leads go),
+    computed from stored data; nothing is changed."""
 
     computed_at: dt.datetime
     window_days: int
@@ -107,6 +154,7 @@ class Impact(BaseModel):
     by_segment: dict[str, SegmentImpact]
     sample: list[str] = Field(description="Some of the affected lead ids.")
     note: str | None = None
+    routing: RoutingImpact | None = Field(default=None, description="For a routing rules change.")
 
 
 class ChangeRequestRead(BaseModel):

@@ -813,20 +813,62 @@ def routing() -> None:
     """Routing rules versions, pool counters and account owners."""
 
 
-@routing.command("load")
-@click.argument("spec_path", metavar="FILE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--activate", is_flag=True, help="Make the new version the active one.")
-def routing_load(spec_path: Path, activate: bool) -> None:
-    """Validate a routing spec (YAML) and store it as a new immutable version."""
-    from service.routing import InvalidRoutingSpec, create_version, parse_routing_spec
+def _routing_spec(spec_path: Path) -> Any:
+    from service.routing import InvalidRoutingSpec, parse_routing_spec
 
     try:
-        spec = parse_routing_spec(spec_path.read_text())
+        return parse_routing_spec(spec_path.read_text())
     except InvalidRoutingSpec as exc:
         raise click.ClickException(f"invalid routing spec {spec_path}: {json.dumps(exc.detail)}") from None
-    actor = f"cli:{getpass.getuser()}"
-    version = _with_engine(lambda e: create_version(e, spec, actor=actor, activate=activate, now=_now()))
-    _print_json({"version": version, "name": spec.name, "activated": activate})
+
+
+_SPEC_FILE = click.argument("spec_path", metavar="FILE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+
+
+@routing.command("load")
+@_SPEC_FILE
+def routing_load(spec_path: Path) -> None:
+    """Validate a routing spec (YAML) and store it as a new immutable version; activating it is a
+    change request (`routing activate VERSION`)."""
+    from service.routing import create_version
+
+    spec = _routing_spec(spec_path)
+    version = _with_engine(lambda e: create_version(e, spec, actor=_actor().subject, now=_now()))
+    _print_json({"version": version, "name": spec.name})
+
+
+def _propose_routing(change: Any, reason: str | None, apply_at: dt.datetime | None) -> None:
+    from service.change_requests import ChangeControl, activate_routing
+
+    control = ChangeControl.from_settings(Settings())
+    request = _with_engine(
+        lambda e: activate_routing(
+            e, change, principal=_actor(), reason=reason, control=control, now=_now(), apply_at=_utc(apply_at)
+        )
+    )
+    summary = _summary(request)
+    if request.impact is not None and request.impact.routing is not None:
+        summary["impact"] = request.impact.routing.model_dump(mode="json", exclude={"sample"})
+    _print_json(summary)
+
+
+_ROUTING_REASON = click.option("--reason", default=None, help="Why (needed once routing rules have been active).")
+_APPLY_AT = click.option(
+    "--apply-at", type=click.DateTime(), default=None, help="Apply at this UTC time once approved."
+)
+
+
+@routing.command("propose")
+@_SPEC_FILE
+@_ROUTING_REASON
+@_APPLY_AT
+def routing_propose(spec_path: Path, reason: str | None, apply_at: dt.datetime | None) -> None:
+    """Propose a routing spec (YAML) as a change request, with its impact; stored as a new version
+    when applied. The very first routing rules (none ever active) apply at once (a bootstrap)."""
+    from service.change_schemas import RoutingRulesChange
+
+    spec = _routing_spec(spec_path)
+    _propose_routing(RoutingRulesChange(kind="routing_rules", spec=spec.model_dump(mode="json")), reason, apply_at)
 
 
 @routing.command("list")
@@ -840,12 +882,32 @@ def routing_list() -> None:
 
 @routing.command("activate")
 @click.argument("version", type=int)
-def routing_activate(version: int) -> None:
-    """Make a stored version the active one."""
-    from service.routing import activate_version
+@_ROUTING_REASON
+@_APPLY_AT
+def routing_activate(version: int, reason: str | None, apply_at: dt.datetime | None) -> None:
+    """Propose making a stored version the active one (a change request that another ops identity
+    approves); at once when no routing rules were ever active (a bootstrap)."""
+    from service.change_schemas import RoutingRulesChange
 
-    _with_engine(lambda e: activate_version(e, version, actor=f"cli:{getpass.getuser()}", now=_now()))
-    _print_json({"active": version})
+    _propose_routing(RoutingRulesChange(kind="routing_rules", version=version), reason, apply_at)
+
+
+@routing.command("rollback")
+@click.argument("version", type=int)
+@click.option("--reason", required=True, help="Why (the change request's reason).")
+@_APPLY_AT
+def routing_rollback(version: int, reason: str, apply_at: dt.datetime | None) -> None:
+    """Propose restoring a routing rules version that was active before."""
+    from service.change_requests import ChangeControl, propose
+    from service.change_schemas import ChangeRequestCreate, RollbackChange
+
+    body = ChangeRequestCreate(
+        change=RollbackChange(kind="rollback", target="routing_rules", version=version),
+        reason=reason,
+        apply_at=_utc(apply_at),
+    )
+    control = ChangeControl.from_settings(Settings())
+    _print_json(_summary(_with_engine(lambda e: propose(e, body, principal=_actor(), control=control, now=_now()))))
 
 
 @routing.command("pools")

@@ -1,5 +1,6 @@
-"""Routing in the service: rules versions (create, activate, list), assignment of qualified leads
-inside the caller's transaction, previews, and account owners.
+"""Routing in the service: rules versions (create; activate, inside a change request's apply;
+list), assignment of qualified leads inside the caller's transaction, previews, impact of other
+rules, and account owners.
 
 `assign_leads` is what the ingest transaction calls when leads newly enter a stage that routes
 (MQL/SQL); it writes the assignments, the pools' counters and the accounts claimed in that same
@@ -11,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,8 +34,10 @@ from scoring.routing import (
     is_free_mail,
     load_routing_spec,
 )
+from service.change_schemas import RoutingImpact, RoutingMove, RoutingTargets
 from service.errors import LeadscoreError, NotFound
 from service.ids import uuid7
+from service.repositories import pipelines as pipelines_repo
 from service.repositories import routing as repo
 from service.routing_schemas import (
     AccountRead,
@@ -50,7 +54,7 @@ __all__ = [
     "NoActiveRouting",
     "RoutingLead",
     "RoutingVersionNotFound",
-    "activate_version",
+    "activate_spec_in",
     "activate_version_in",
     "assign_leads",
     "create_version",
@@ -58,6 +62,7 @@ __all__ = [
     "list_versions",
     "parse_routing_spec",
     "preview_routing",
+    "routing_impact",
 ]
 
 log = structlog.get_logger(__name__)
@@ -121,15 +126,12 @@ def spec_digest(spec: RoutingSpec) -> str:
     return hashlib.sha256(orjson.dumps(spec.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-async def create_version(
-    engine: AsyncEngine, spec: RoutingSpec, *, actor: str, activate: bool = False, now: dt.datetime
-) -> int:
-    """Store a spec as a new immutable version (and make it active)."""
+async def create_version(engine: AsyncEngine, spec: RoutingSpec, *, actor: str, now: dt.datetime) -> int:
+    """Store a spec as a new immutable version. Making a version active is a change request's
+    (`service.change_requests`), which calls `activate_version_in` or `activate_spec_in`."""
     async with engine.begin() as conn:
         version_id = await create_version_in(conn, spec, actor=actor, now=now)
-        if activate:
-            await _activate(conn, version_id, spec, actor=actor, now=now)
-    log.info("routing rules version created", version=version_id, activated=activate, actor=actor)
+    log.info("routing rules version created", version=version_id, actor=actor)
     return version_id
 
 
@@ -145,19 +147,25 @@ async def create_version_in(conn: AsyncConnection, spec: RoutingSpec, *, actor: 
     )
 
 
-async def activate_version(engine: AsyncEngine, version_id: int, *, actor: str, now: dt.datetime) -> None:
-    """Make a stored version the active one; every process routes with it from its next batch."""
-    async with engine.begin() as conn:
-        await activate_version_in(conn, version_id, actor=actor, now=now)
-    log.info("routing rules version activated", version=version_id, actor=actor)
-
-
 async def activate_version_in(conn: AsyncConnection, version_id: int, *, actor: str, now: dt.datetime) -> None:
-    """`activate_version` in the caller's transaction (for change requests that apply it)."""
+    """Make a stored version the active one, in the caller's transaction (the change request's
+    apply); every process routes with it from its next batch."""
     row = await repo.get_version(conn, version_id)
     if row is None:
         raise RoutingVersionNotFound(f"no routing rules version {version_id}")
     await _activate(conn, version_id, validate_spec(row["spec"]), actor=actor, now=now)
+
+
+async def activate_spec_in(
+    conn: AsyncConnection, spec: RoutingSpec, *, created_by: str, actor: str, now: dt.datetime
+) -> int:
+    """Make `spec` active in the caller's transaction: the newest stored version with exactly this
+    spec, else a new version (by `created_by`). Returns the version made active."""
+    version_id = await repo.version_with_digest(conn, spec_digest(spec))
+    if version_id is None:
+        version_id = await create_version_in(conn, spec, actor=created_by, now=now)
+    await _activate(conn, version_id, spec, actor=actor, now=now)
+    return version_id
 
 
 async def _activate(conn: AsyncConnection, version_id: int, spec: RoutingSpec, *, actor: str, now: dt.datetime) -> None:
@@ -375,6 +383,144 @@ async def preview_routing(engine: AsyncEngine, request: RoutingPreviewRequest, *
             else None
         ),
     )
+
+
+# --- impact of other rules ------------------------------------------------------------------------
+
+
+def _where(kind: str, owner_id: str | None, queue: str | None) -> str:
+    return f"owner:{owner_id}" if kind != "queue" else f"queue:{queue}"
+
+
+@dataclass
+class _Targets:
+    owners: Counter[str]
+    pools: Counter[str]
+    queues: Counter[str]
+
+    @classmethod
+    def empty(cls) -> _Targets:
+        return cls(Counter(), Counter(), Counter())
+
+    def add(self, kind: str, owner_id: str | None, pool_id: str | None, queue: str | None) -> None:
+        if kind == "queue":
+            self.queues[str(queue)] += 1
+        else:
+            self.owners[str(owner_id)] += 1
+        if pool_id is not None:
+            self.pools[pool_id] += 1
+
+    def read(self) -> RoutingTargets:
+        return RoutingTargets(
+            owners=dict(sorted(self.owners.items())),
+            pools=dict(sorted(self.pools.items())),
+            queues=dict(sorted(self.queues.items())),
+        )
+
+
+async def router_for(conn: AsyncConnection, *, spec: RoutingSpec | None = None, version: int | None = None) -> Router:
+    """The compiled router of a spec, or of a stored version."""
+    if spec is not None:
+        return Router(spec)
+    if version is None:
+        raise ValueError("give a spec or a version")
+    return await _router(conn, version)
+
+
+async def routing_impact(
+    conn: AsyncConnection,
+    router: Router,
+    *,
+    since: dt.datetime,
+    max_leads: int,
+    batch_size: int,
+    sample_size: int,
+    segment_for: Callable[[Mapping[str, Any]], str | None],
+    now: dt.datetime,
+) -> tuple[RoutingImpact, bool]:
+    """Where the live leads assigned since `since` went (their latest assignment) and where
+    `router` would send them now: routed in lead id order by the pure router from the current pool
+    counters and account owners, read without locks, each lead seeing the turns the previous ones
+    took; nothing is written. At most `max_leads` leads; returns `(impact, truncated)`.
+
+    A lead moves when its owner or queue would differ; with unchanged rules, pool members can
+    still differ because the turns go on from today's counters, so `retargeted` counts only the
+    leads the rules would send to another pool, fixed owner or queue."""
+    before, after_targets = _Targets.empty(), _Targets.empty()
+    states: dict[str, PoolState] = {}
+    accounts: dict[tuple[str, str], str] = {}
+    considered = moved = retargeted = 0
+    sample: list[RoutingMove] = []
+    truncated = False
+    cursor: uuid.UUID | None = None
+    while True:
+        room = max_leads - considered
+        page = await repo.routed_leads_page(conn, since=since, after=cursor, limit=max(1, min(batch_size, room)))
+        if not page:
+            break
+        if room <= 0:
+            truncated = True
+            break
+        ids = [row["lead_id"] for row in page]
+        scores = await pipelines_repo.latest_scores(conn, ids)
+        emails = await repo.lead_emails(conn, ids) if router.reads_emails else {}
+        leads = []
+        for row in page:
+            score = scores.get(row["lead_id"], {})
+            traits = dict(row["traits"] or {})
+            leads.append(
+                RoutingLead(
+                    lead_id=row["lead_id"],
+                    traits=traits,
+                    score=score.get("score"),
+                    fit=score.get("fit"),
+                    engagement=score.get("engagement"),
+                    grade=score.get("grade"),
+                    stage=row["stage"],
+                    segment=segment_for(traits),
+                    emails=tuple(emails.get(row["lead_id"], ())),
+                )
+            )
+        keys = sorted({key for lead in leads for key in router.account_keys(lead)} - accounts.keys())
+        accounts.update(await repo.account_owners(conn, keys))
+        missing = [pool_id for pool_id in router.pools_for(leads) if pool_id not in states]
+        if missing:
+            stored = await repo.pool_states(conn, missing, lock=False)
+            states.update({pool_id: PoolState(stored[pool_id]) for pool_id in missing})
+        outcome = router.route(leads, pools=states, accounts=accounts, now=now)
+        states.update(outcome.pools)
+        accounts.update(outcome.claims)
+        for row, decision in zip(page, outcome.decisions, strict=True):
+            before.add(row["kind"], row["owner_id"], row["pool_id"], row["queue"])
+            after_targets.add(decision.kind, decision.owner_id, decision.pool_id, decision.queue)
+            was = _where(row["kind"], row["owner_id"], row["queue"])
+            will = _where(decision.kind, decision.owner_id, decision.queue)
+            if was == will:
+                continue
+            moved += 1
+            if (row["pool_id"] or was) != (decision.pool_id or will):
+                retargeted += 1
+            if len(sample) < sample_size:
+                sample.append(
+                    RoutingMove(
+                        lead_id=str(row["lead_id"]),
+                        before=was,
+                        after=will,
+                        rule_id=decision.rule_id,
+                        matched_by=decision.matched_by,
+                    )
+                )
+        considered += len(page)
+        cursor = page[-1]["lead_id"]
+    impact = RoutingImpact(
+        leads_considered=considered,
+        moved=moved,
+        retargeted=retargeted,
+        before=before.read(),
+        after=after_targets.read(),
+        sample=sample,
+    )
+    return impact, truncated
 
 
 # --- account owners ------------------------------------------------------------------------------------

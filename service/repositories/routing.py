@@ -16,6 +16,7 @@ from service.repositories.ingest import bulk_insert, driver, in_list, lock_key, 
 from service.repositories.tables import (
     account_owner,
     assignment,
+    lead,
     lead_identity,
     routing_activation,
     routing_pool_member,
@@ -75,6 +76,18 @@ async def version_digest(conn: AsyncConnection, version_id: int) -> str | None:
     query = sa.select(routing_rules_version.c.spec_sha256).where(routing_rules_version.c.id == version_id)
     value = (await conn.execute(query)).scalar_one_or_none()
     return str(value) if value is not None else None
+
+
+async def version_with_digest(conn: AsyncConnection, spec_sha256: str) -> int | None:
+    """The newest version whose spec has this sha256, or None."""
+    query = sa.select(sa.func.max(routing_rules_version.c.id)).where(routing_rules_version.c.spec_sha256 == spec_sha256)
+    value = (await conn.execute(query)).scalar_one_or_none()
+    return int(value) if value is not None else None
+
+
+async def ever_activated(conn: AsyncConnection) -> set[int]:
+    """Every version that has been active."""
+    return {int(r[0]) for r in await conn.execute(sa.select(routing_activation.c.version_id).distinct())}
 
 
 async def insert_activation(conn: AsyncConnection, *, version_id: int, actor: str, now: dt.datetime) -> None:
@@ -299,6 +312,49 @@ async def count_assignments(conn: AsyncConnection, *, routing_version_id: int | 
     if routing_version_id is not None:
         query = query.where(assignment.c.routing_version_id == routing_version_id)
     return {str(row[0]): int(row[1]) for row in await conn.execute(query)}
+
+
+def _routed_page(after: bool) -> sa.Select[Any]:
+    ranked = (
+        sa.select(
+            assignment,
+            sa.func.row_number()
+            .over(partition_by=assignment.c.lead_id, order_by=(assignment.c.assigned_at.desc(), assignment.c.id.desc()))
+            .label("rn"),
+        )
+        .where(assignment.c.assigned_at >= sa.bindparam("since"))
+        .subquery()
+    )
+    query = (
+        sa.select(
+            ranked.c.lead_id,
+            ranked.c.kind,
+            ranked.c.owner_id,
+            ranked.c.pool_id,
+            ranked.c.queue,
+            lead.c.stage,
+            lead.c.traits,
+        )
+        .join(lead, lead.c.id == ranked.c.lead_id)
+        .where(ranked.c.rn == 1, lead.c.merged_into_id.is_(None))
+    )
+    if after:
+        query = query.where(ranked.c.lead_id > sa.bindparam("after"))
+    return query.order_by(ranked.c.lead_id).limit(sa.bindparam("limit"))
+
+
+_ROUTED_FIRST = _routed_page(after=False)
+_ROUTED_AFTER = _routed_page(after=True)
+
+
+async def routed_leads_page(
+    conn: AsyncConnection, *, since: dt.datetime, after: uuid.UUID | None, limit: int
+) -> list[dict[str, Any]]:
+    """Live leads assigned since `since`, in id order after `after`: each with its latest
+    assignment (kind, owner_id, pool_id, queue) and its stage and traits."""
+    query, params = (_ROUTED_FIRST, {}) if after is None else (_ROUTED_AFTER, {"after": after})
+    rows = await conn.execute(query, {"since": since, "limit": limit, **params})
+    return [dict(r._mapping) for r in rows]
 
 
 # --- leads -----------------------------------------------------------------------------------------------

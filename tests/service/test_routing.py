@@ -31,9 +31,9 @@ from service.db import create_engine, writer_connection
 from service.repositories.tables import account_owner, assignment, lead, lead_identity
 from service.routing import (
     Assignment,
-    activate_version,
+    activate_version_in,
     assign_leads,
-    create_version,
+    create_version_in,
     set_account_owner,
 )
 from service.settings import Settings
@@ -82,7 +82,12 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
 
 
 async def load(engine: AsyncEngine, data: dict[str, Any], *, activate: bool = True) -> int:
-    return await create_version(engine, load_routing_spec(data), actor="test", activate=activate, now=NOW)
+    """Store a version (and make it active), as an applied change request does in its transaction."""
+    async with engine.begin() as conn:
+        version = await create_version_in(conn, load_routing_spec(data), actor="test", now=NOW)
+        if activate:
+            await activate_version_in(conn, version, actor="test", now=NOW)
+    return version
 
 
 async def make_leads(engine: AsyncEngine, n: int, *, emails: Sequence[str | None] = ()) -> list[uuid.UUID]:
@@ -441,7 +446,8 @@ async def test_rules_list_shows_active_and_past_versions(
         (second, "second", False),
     ]
     assert listed["versions"][0]["spec"]["fallback"] == {"owner": None, "pool": None, "queue": "unassigned"}
-    await activate_version(engine, second, actor="ops:ana", now=NOW)
+    async with engine.begin() as conn:
+        await activate_version_in(conn, second, actor="ops:ana", now=NOW)
     again = (await client.get("/v1/routing/rules", headers=viewer)).json()
     assert again["active_version"] == second
     assert [(a["version"], a["activated_by"]) for a in again["activations"]] == [(first, "test"), (second, "ops:ana")]
@@ -497,30 +503,49 @@ def run(cli: CliRunner, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def test_cli_loads_lists_and_activates_versions(cli: CliRunner, tmp_path: Path) -> None:
+def test_cli_loads_versions_and_activates_them_by_change_request(cli: CliRunner, tmp_path: Path) -> None:
     example = REPO_ROOT / "pipelines" / "routing.example.yaml"
-    assert run(cli, "routing", "load", str(example)) == {"version": 1, "name": "example routing", "activated": False}
-    assert run(cli, "routing", "load", str(example), "--activate")["activated"] is True
+    assert run(cli, "routing", "load", str(example)) == {"version": 1, "name": "example routing"}
+    assert run(cli, "routing", "list")["active_version"] is None  # loading never activates
+    # Nothing was ever active: the first activation is a bootstrap change request, applied at once.
+    first = run(cli, "routing", "activate", "1")
+    assert (first["kind"], first["status"], first["bootstrap"]) == ("routing_rules", "applied", True)
+    assert first["result"] == {"target": "routing_rules", "version": 1}
     listed = run(cli, "routing", "list")
-    assert listed["active_version"] == 2
-    assert [(v["version"], v["active"]) for v in listed["versions"]] == [(1, False), (2, True)]
+    assert listed["active_version"] == 1
+    assert [(v["version"], v["active"]) for v in listed["versions"]] == [(1, True)]
     assert "spec" not in listed["versions"][0]
-    assert listed["versions"][0]["spec_sha256"] == listed["versions"][1]["spec_sha256"]
-    assert run(cli, "routing", "activate", "1") == {"active": 1}
-    assert run(cli, "routing", "list")["active_version"] == 1
     # Activation made the pools' counter rows.
     assert {(c["pool_id"], c["owner_id"]) for c in run(cli, "routing", "pools")} >= {
         ("ae", "ae-senior"),
         ("sdr-rest", "sdr-austin"),
     }
 
+    # From now on, every activation is a change request that another identity approves.
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(example.read_text().replace("name: example routing", "name: changed routing"))
+    assert cli.invoke(main, ["routing", "propose", str(changed)]).exit_code == 1  # a reason is needed
+    proposed = run(cli, "routing", "propose", str(changed), "--reason", "new pools")
+    assert (proposed["kind"], proposed["status"], proposed["bootstrap"]) == ("routing_rules", "pending", False)
+    assert proposed["impact"]["leads_considered"] == 0
+    again = run(cli, "routing", "activate", "1", "--reason", "same again")
+    assert again["status"] == "pending"
+    listed = run(cli, "routing", "list")
+    assert (listed["active_version"], len(listed["versions"])) == (1, 1)  # a proposal stores no version
+    # The CLI acts as one identity: it cannot approve its own proposal.
+    refused = cli.invoke(main, ["change-requests", "approve", str(proposed["id"])])
+    assert (refused.exit_code, "SelfApprovalRefused" in refused.output) == (1, True)
+    assert run(cli, "routing", "rollback", "1", "--reason", "back")["status"] == "pending"
+    assert cli.invoke(main, ["routing", "rollback", "7", "--reason", "never active"]).exit_code == 1
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nrules: [{id: r, target: {pool: nope}}]\nfallback: {pool: nope}\n")
-    refused = cli.invoke(main, ["routing", "load", str(bad)])
-    assert refused.exit_code == 1
-    assert "rules[0].target.pool" in refused.output
-    assert "fallback must always be available" in refused.output
-    assert cli.invoke(main, ["routing", "activate", "9"]).exit_code == 1
+    for command in ("load", "propose"):
+        refused = cli.invoke(main, ["routing", command, str(bad), *(["--reason", "x"] if command == "propose" else [])])
+        assert refused.exit_code == 1
+        assert "rules[0].target.pool" in refused.output
+        assert "fallback must always be available" in refused.output
+    assert cli.invoke(main, ["routing", "activate", "9", "--reason", "x"]).exit_code == 1
     assert run(cli, "routing", "list")["active_version"] == 1
 
 
