@@ -26,9 +26,11 @@ import pytest
 import sqlalchemy as sa
 from standardwebhooks import Webhook
 
+from service.auth import SYSTEM
+from service.change_requests import bootstrap_routing
+from service.change_schemas import RoutingRulesChange
 from service.db import create_engine, write_transaction
 from service.repositories import qualification as qualification_repo
-from service.routing import create_version, validate_spec
 from service.settings import Settings
 from service.sources import add_source
 from tests.conftest import lead_event
@@ -69,7 +71,13 @@ def set_up(db_url: str, trained: Any) -> str:
                     conn, name="e2e", spec=spec, change_request_id=None, created_by="test", now=now
                 )
                 await qualification_repo.set_active_policy(conn, policy_id=policy_id, actor="test", now=now)
-            await create_version(engine, validate_spec(ROUTING), actor="test", activate=True, now=now)
+            await bootstrap_routing(
+                engine,
+                RoutingRulesChange(kind="routing_rules", spec=ROUTING),
+                principal=SYSTEM,
+                reason="first rules",
+                now=now,
+            )
             return (await add_source(engine, name="map", scheme="standard", now=now)).secret
         finally:
             await engine.dispose()

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from service.auth import SYSTEM
+from service.change_requests import bootstrap_routing
+from service.change_schemas import RoutingRulesChange
 from service.db import create_engine
-from service.routing import create_version, validate_spec
 from service.settings import Settings
 from tests.conftest import Db, Sender, lead_event
 from tests.service.qualification_env import Env, open_env, policy, score_line, scores_of
@@ -46,11 +48,16 @@ async def env(settings: Settings, trained: Any, monkeypatch: pytest.MonkeyPatch)
         yield opened
 
 
-async def activate_routing(settings: Settings) -> int:
+async def activate_routing(settings: Settings) -> None:
+    """The first routing rules, made active by a bootstrap change request."""
     engine = create_engine(settings.database_url)
     try:
-        return await create_version(
-            engine, validate_spec(ROUTING), actor="test", activate=True, now=dt.datetime.now(dt.UTC)
+        await bootstrap_routing(
+            engine,
+            RoutingRulesChange(kind="routing_rules", spec=ROUTING),
+            principal=SYSTEM,
+            reason="first rules",
+            now=dt.datetime.now(dt.UTC),
         )
     finally:
         await engine.dispose()
