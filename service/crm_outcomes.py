@@ -24,7 +24,7 @@ from service.db import write_transaction
 from service.errors import InvalidEvent, InvalidJson, StorageUnavailable, UnknownLead
 from service.events import Namespace, ShortStr, Subject
 from service.metrics import CRM_OUTCOMES, DB_ERRORS, WEBHOOK_EVENTS
-from service.outcomes import OutcomeKind, OutcomeReport, record_outcomes
+from service.outcomes import Amount, Currency, OutcomeKind, OutcomeReport, record_outcomes
 from service.repositories import leads as leads_repo
 from service.repositories import qualification as qualification_repo
 from service.sources import SourceRegistry
@@ -58,8 +58,10 @@ class CrmOutcome(BaseModel):
         examples=[{"hubspot": "123"}],
     )
     reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)] | None = Field(
-        default=None, description="Why (a lost reason); kept in the reason of the stage transition it causes."
+        default=None, description="Why (a lost reason); stored, and in the reason of the stage transition it causes."
     )
+    amount: Amount | None = Field(default=None, description="The deal's value, in `currency`.", examples=[1200.5])
+    currency: Currency | None = Field(default=None, description="ISO 4217 code of `amount`.", examples=["EUR"])
 
     @model_validator(mode="after")
     def _names_a_lead(self) -> CrmOutcome:
@@ -196,6 +198,8 @@ async def receive_outcomes(
                             occurred_at=item.occurred_at,
                             external_id=item.id,
                             reason=item.reason,
+                            amount=item.amount,
+                            currency=item.currency,
                         )
                         for item, lead_id in zip(items, lead_ids, strict=True)
                     ],

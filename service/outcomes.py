@@ -18,6 +18,7 @@ For recommendations, a lead converted when it has a `converted` or `won` outcome
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -33,6 +34,8 @@ from service.qualification import move_stage
 from service.repositories import leads as leads_repo
 from service.repositories import qualification as repo
 
+Amount = Annotated[decimal.Decimal, Field(ge=0, max_digits=18, decimal_places=2)]
+Currency = Annotated[str, StringConstraints(to_upper=True, pattern=r"^[A-Za-z]{3}$")]
 OutcomeKind = Literal["accepted", "converted", "won", "lost"]
 OUTCOME_STAGES: dict[str, str] = {"accepted": "sql", "converted": "opportunity", "won": "customer"}
 
@@ -55,8 +58,10 @@ class OutcomeReport(BaseModel):
         default=None, description="The CRM's id of this outcome: a repeat with the same id is ignored."
     )
     reason: Annotated[str, StringConstraints(min_length=1, max_length=500)] | None = Field(
-        default=None, description="Why, as the CRM says (a lost reason); kept in the stage transition's reason."
+        default=None, description="Why, as the CRM says (a lost reason); also in the stage transition's reason."
     )
+    amount: Amount | None = Field(default=None, description="The deal's value (won or converted), in `currency`.")
+    currency: Currency | None = Field(default=None, description="ISO 4217 code of `amount`.")
 
 
 class RecordedOutcome(BaseModel):
@@ -103,6 +108,9 @@ async def record_outcomes(
             "source": source,
             "external_id": report.external_id,
             "recorded_at": now,
+            "reason": report.reason,
+            "amount": report.amount,
+            "currency": report.currency,
         }
         inserted = await repo.insert_outcomes(conn, [row])
         if not inserted:

@@ -4,6 +4,7 @@ own library signs), verified like the lead webhook, stored once, moving the lead
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import uuid
 from typing import Any
@@ -72,6 +73,7 @@ async def test_each_outcome_moves_the_stage_and_is_stored(
     for item in body:
         if item["reason"] is None:
             del item["reason"]
+    body[2].update(amount=1200.5, currency="eur")
     answer = await crm.post(client, body)
     assert answer.status_code == 202, answer.text
     payload = answer.json()
@@ -90,6 +92,10 @@ async def test_each_outcome_moves_the_stage_and_is_stored(
         (lead, kind, "crm-outcomes", f"crm-{i}") for i, (kind, lead) in enumerate(zip(kinds, leads, strict=True))
     ]
     assert [r["outcome_id"] for r in payload["results"]] == [r.id for r in stored]
+    assert [(r.reason, r.amount, r.currency) for r in stored] == [(None, None, None)] * 2 + [
+        (None, decimal.Decimal("1200.50"), "EUR"),
+        ("no budget", None, None),
+    ]
     transition = await select(
         db,
         sa.select(stage_transition)
@@ -196,6 +202,15 @@ async def test_an_unknown_lead_refuses_the_whole_request(
             id="naive-time",
         ),
         pytest.param({"id": "x", "outcome": "won", "occurred_at": AT, "email": "a@b.io", "x": 1}, "x", id="extra"),
+        pytest.param(
+            {"id": "x", "outcome": "won", "occurred_at": AT, "email": "a@b.io", "amount": -1}, "amount", id="amount"
+        ),
+        pytest.param(
+            {"id": "x", "outcome": "won", "occurred_at": AT, "email": "a@b.io", "currency": "euro"},
+            "currency",
+            id="currency",
+        ),
+        pytest.param({"id": "x", "outcome": "won", "occurred_at": AT, "email": "nope"}, "", id="bad-email"),
     ],
 )
 async def test_an_invalid_outcome_is_422_naming_the_field(
