@@ -100,6 +100,7 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
 
     The body is the canonical `LeadEvent` (or a list) for `standard` sources, and the vendor's own body
     for `hubspot`, `segment`, `rudderstack`, `mautic` and `marketo` sources, mapped to lead events.
+    `crm-outcomes` is not a lead source: `POST /v1/webhooks/crm-outcomes` has a route of its own.
 
     A raw ASGI handler, called by the app before any middleware or routing: this is the hot route,
     and the framework's layers (routing, dependencies, middleware, request and response objects)
