@@ -9,6 +9,7 @@ transaction that writes a transition holds the lead's row lock (see `models`).
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import uuid
 from typing import Any
 
@@ -128,3 +129,7 @@ class Outcome(SQLModel, table=True):
     source: str = _text(64)
     external_id: str | None = _text(200, nullable=True)
     recorded_at: dt.datetime = _ts()
+    # What the CRM said with it: why (a lost reason), and the deal's value in `currency` (ISO 4217).
+    reason: str | None = _text(500, nullable=True)
+    amount: decimal.Decimal | None = Field(default=None, sa_column=sa.Column(sa.Numeric(18, 2), nullable=True))
+    currency: str | None = _text(3, nullable=True)

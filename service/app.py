@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from service.api import (
@@ -20,6 +21,7 @@ from service.api import (
     health,
     keys,
     leads,
+    outcomes,
     pipelines,
     routing,
     thresholds,
@@ -27,6 +29,7 @@ from service.api import (
 )
 from service.api.deps import Services
 from service.change_requests import ChangeApplier, ChangeControl
+from service.crm_outcomes import CrmOutcome
 from service.db import create_engine, is_sqlite
 from service.delivery import build_adapters, build_worker
 from service.errors import install_error_handlers
@@ -149,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routing.router)
     app.include_router(change_requests.router)
     app.include_router(thresholds.router)
+    app.include_router(outcomes.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:
@@ -158,7 +162,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             path_item, models = webhooks.openapi_path()
             schema["paths"] = {"/v1/webhooks/{source}": path_item, **schema["paths"]}
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
+            # The outcomes route reads its raw body (to verify it) and names the body's schema itself.
+            all_models: list[type[BaseModel]] = [*models, CrmOutcome]
+            for model in all_models:
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema

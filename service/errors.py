@@ -85,6 +85,13 @@ class InvalidEvent(LeadscoreError):
     status = 422
 
 
+class UnknownLead(LeadscoreError):
+    """A reported outcome names no lead Leadscore knows (by id, email or external id), or names two
+    different leads; `detail` lists each such item (422)."""
+
+    status = 422
+
+
 class StorageUnavailable(LeadscoreError):
     """The database cannot be reached; the sender should retry later (503 with Retry-After)."""
 

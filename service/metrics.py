@@ -28,6 +28,11 @@ DB_ERRORS = Counter(
     "Database operations that failed (unreachable, timed out, refused).",
     ["operation"],
 )
+CRM_OUTCOMES = Counter(
+    "leadscore_crm_outcomes_total",
+    "Outcomes the CRM reported (accepted, converted, won, lost) and Leadscore stored; repeats not counted.",
+    ["outcome"],
+)
 GROUP_COMMIT_EVENTS = Histogram(
     "leadscore_group_commit_events",
     "Events written per group-commit transaction.",

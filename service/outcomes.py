@@ -18,6 +18,7 @@ For recommendations, a lead converted when it has a `converted` or `won` outcome
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -34,6 +35,8 @@ from service.qualification import move_stage
 from service.repositories import leads as leads_repo
 from service.repositories import qualification as repo
 
+Amount = Annotated[decimal.Decimal, Field(ge=0, max_digits=18, decimal_places=2)]
+Currency = Annotated[str, StringConstraints(to_upper=True, pattern=r"^[A-Za-z]{3}$")]
 OutcomeKind = Literal["accepted", "converted", "won", "lost"]
 OUTCOME_STAGES: dict[str, str] = {"accepted": "sql", "converted": "opportunity", "won": "customer"}
 
@@ -55,6 +58,11 @@ class OutcomeReport(BaseModel):
     external_id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
         default=None, description="The CRM's id of this outcome: a repeat with the same id is ignored."
     )
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500)] | None = Field(
+        default=None, description="Why, as the CRM says (a lost reason); also in the stage transition's reason."
+    )
+    amount: Amount | None = Field(default=None, description="The deal's value (won or converted), in `currency`.")
+    currency: Currency | None = Field(default=None, description="ISO 4217 code of `amount`.")
 
 
 class RecordedOutcome(BaseModel):
@@ -87,9 +95,10 @@ async def record_outcomes(
     """Store outcomes (ignoring repeats of `(source, external_id)`) and move each lead's stage by
     the mapping above, in the caller's transaction, oldest outcome first. Transitions are caused by
     `crm`, carry the outcome's id, and never trigger downstream work. `LeadNotFound` for an unknown
-    lead; a merged lead's outcome is recorded on the lead it was merged into."""
-    results: list[RecordedOutcome] = []
-    for report in sorted(outcomes, key=lambda o: o.occurred_at):
+    lead; a merged lead's outcome is recorded on the lead it was merged into. The results are in the
+    order of `outcomes`."""
+    results: dict[int, RecordedOutcome] = {}
+    for index, report in sorted(enumerate(outcomes), key=lambda pair: pair[1].occurred_at):
         live = await leads_repo.get_live_lead(conn, report.lead_id)
         if live is None:
             raise LeadNotFound(f"no lead {report.lead_id}")
@@ -100,18 +109,19 @@ async def record_outcomes(
             "source": source,
             "external_id": report.external_id,
             "recorded_at": now,
+            "reason": report.reason,
+            "amount": report.amount,
+            "currency": report.currency,
         }
         inserted = await repo.insert_outcomes(conn, [row])
         if not inserted:
-            results.append(
-                RecordedOutcome(
-                    outcome_id=None,
-                    lead_id=live["id"],
-                    kind=report.kind,
-                    duplicate=True,
-                    from_stage=None,
-                    to_stage=None,
-                )
+            results[index] = RecordedOutcome(
+                outcome_id=None,
+                lead_id=live["id"],
+                kind=report.kind,
+                duplicate=True,
+                from_stage=None,
+                to_stage=None,
             )
             continue
         current = (await repo.lead_stages(conn, [live["id"]]))[live["id"]]
@@ -121,7 +131,9 @@ async def record_outcomes(
                 conn,
                 lead_id=live["id"],
                 stage=target,
-                reason=f"CRM outcome {report.kind}" + (f" ({report.external_id})" if report.external_id else ""),
+                reason=f"CRM outcome {report.kind}"
+                + (f" ({report.external_id})" if report.external_id else "")
+                + (f": {report.reason}" if report.reason else ""),
                 actor=f"crm:{source}",
                 cause="crm",
                 downstream=False,
@@ -129,17 +141,15 @@ async def record_outcomes(
                 handoff=NO_TARGETS,  # an outcome never routes: the CRM already has the lead
                 outcome_id=inserted[0]["id"],
             )
-        results.append(
-            RecordedOutcome(
-                outcome_id=inserted[0]["id"],
-                lead_id=live["id"],
-                kind=report.kind,
-                duplicate=False,
-                from_stage=current if target else None,
-                to_stage=target,
-            )
+        results[index] = RecordedOutcome(
+            outcome_id=inserted[0]["id"],
+            lead_id=live["id"],
+            kind=report.kind,
+            duplicate=False,
+            from_stage=current if target else None,
+            to_stage=target,
         )
-    return results
+    return [results[index] for index in range(len(outcomes))]
 
 
 async def recommend_threshold(

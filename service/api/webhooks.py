@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import Services, utcnow
+from service.crm_outcomes import SOURCE as OUTCOMES_SOURCE
 from service.errors import LeadscoreError
 from service.events import ErrorBody, EventAccepted, LeadEvent
 from service.metrics import HTTP_DURATION
@@ -22,7 +23,7 @@ from service.webhooks.receive import receive as receive_events
 
 log = structlog.get_logger(__name__)
 
-_errors = {
+ERRORS = {
     401: "Missing, malformed, stale or wrong signature.",
     404: "Unknown or disabled source.",
     413: "Body over `LEADSCORE_MAX_BODY_BYTES`.",
@@ -65,7 +66,7 @@ def openapi_path() -> tuple[dict[str, Any], list[type[BaseModel]]]:
         "responses": {
             "202": {"description": "Stored, scored and committed.", "content": _json("EventAccepted")},
             "200": {"description": "Every event had been received before.", "content": _json("EventAccepted")},
-            **{str(code): {"description": text, "content": _json("ErrorBody")} for code, text in _errors.items()},
+            **{str(code): {"description": text, "content": _json("ErrorBody")} for code, text in ERRORS.items()},
         },
     }
     return {"post": operation}, [LeadEvent, EventAccepted, ErrorBody]
@@ -73,14 +74,25 @@ def openapi_path() -> tuple[dict[str, Any], list[type[BaseModel]]]:
 
 PATH_PREFIX = "/v1/webhooks/"
 ROUTE = "/v1/webhooks/{source}"
+# Served by a FastAPI route of its own (`service.api.outcomes`): CRM outcomes are not lead events.
+NOT_LEAD_SOURCES = frozenset({OUTCOMES_SOURCE})
 
 
 def is_webhook(scope: Scope) -> bool:
-    """Whether an ASGI request is `POST /v1/webhooks/{source}`."""
+    """Whether an ASGI request is `POST /v1/webhooks/{source}` for a lead source."""
     if scope["type"] != "http" or scope["method"] != "POST":
         return False
     path: str = scope["path"]
-    return path.startswith(PATH_PREFIX) and len(path) > len(PATH_PREFIX) and "/" not in path[len(PATH_PREFIX) :]
+    return (
+        path.startswith(PATH_PREFIX)
+        and len(path) > len(PATH_PREFIX)
+        and "/" not in path[len(PATH_PREFIX) :]
+        and _source_name(path) not in NOT_LEAD_SOURCES
+    )
+
+
+def _source_name(path: str) -> str:
+    return unquote(path[len(PATH_PREFIX) :])
 
 
 async def receive_webhook(services: Services, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,6 +100,7 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
 
     The body is the canonical `LeadEvent` (or a list) for `standard` sources, and the vendor's own body
     for `hubspot`, `segment`, `rudderstack`, `mautic` and `marketo` sources, mapped to lead events.
+    `crm-outcomes` is not a lead source: `POST /v1/webhooks/crm-outcomes` has a route of its own.
 
     A raw ASGI handler, called by the app before any middleware or routing: this is the hot route,
     and the framework's layers (routing, dependencies, middleware, request and response objects)
@@ -101,7 +114,7 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(scope["headers"])}
         raw_path = scope.get("raw_path")
         received = await receive_events(
-            source_name=unquote(scope["path"][len(PATH_PREFIX) :]),
+            source_name=_source_name(scope["path"]),
             headers=headers,
             chunks=_body(receive),
             registry=services.registry,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,6 +22,20 @@ async def get_live_lead(conn: AsyncConnection, lead_id: uuid.UUID) -> dict[str, 
             return dict(row._mapping)
         lead_id = row.merged_into_id
     raise RuntimeError(f"merge chain of lead {lead_id} is too long")
+
+
+async def leads_by_identities(
+    conn: AsyncConnection, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], uuid.UUID]:
+    """The lead each `(namespace, value)` identity belongs to, for those that belong to one."""
+    if not keys:
+        return {}
+    rows = await conn.execute(
+        sa.select(lead_identity.c.namespace, lead_identity.c.value, lead_identity.c.lead_id).where(
+            sa.tuple_(lead_identity.c.namespace, lead_identity.c.value).in_(sorted(set(keys)))
+        )
+    )
+    return {(row.namespace, row.value): row.lead_id for row in rows}
 
 
 async def lead_identities(conn: AsyncConnection, lead_id: uuid.UUID) -> list[dict[str, Any]]:

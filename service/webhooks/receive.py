@@ -16,8 +16,9 @@ from typing import Any
 from service.errors import PayloadTooLarge, UnknownSource, UnsupportedMediaType
 from service.ingest import IngestJob, IngestResult, IngestWriter
 from service.metrics import WEBHOOK_EVENTS
+from service.repositories.sources import SourceRow
 from service.sources import SourceRegistry
-from service.webhooks.base import RequestLine
+from service.webhooks.base import RequestLine, Verified
 from service.webhooks.schemes import mapper_for, scheme_for
 
 
@@ -54,23 +55,33 @@ def is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def receive(
+@dataclass(frozen=True)
+class VerifiedRequest:
+    """A request that passed every check before parsing: the source, the raw body, what the signature
+    vouches for."""
+
+    source: SourceRow
+    body: bytes
+    content_type: str
+    verified: Verified
+
+
+async def verify_request(
     *,
     source_name: str,
     headers: Mapping[str, str],
     chunks: AsyncIterator[bytes],
     registry: SourceRegistry,
-    writer: IngestWriter,
     limits: WebhookLimits,
     now: dt.datetime,
     request: RequestLine,
-) -> Received:
-    """Verify, map and store one webhook request; raises a `LeadscoreError` for a rejection."""
+) -> VerifiedRequest:
+    """The checks every signed request goes through, in order (404, 413, 415, 401); raises a
+    `LeadscoreError` for a rejection and counts it in `WEBHOOK_EVENTS` under the source's name."""
     source = await registry.get(source_name)
     if source is None or not source.enabled:
         WEBHOOK_EVENTS.labels("_unknown", "unknown_source").inc()
         raise UnknownSource(f"no enabled webhook source named {source_name!r}")
-    label = source.name
     try:
         body = await read_limited(chunks, content_length=headers.get("content-length"), limit=limits.max_body_bytes)
         content_type = headers.get("content-type")
@@ -85,15 +96,45 @@ async def receive(
             request=request,
             config=source.config,
         )
+    except Exception as exc:
+        WEBHOOK_EVENTS.labels(source.name, type(exc).__name__).inc()
+        raise
+    return VerifiedRequest(source=source, body=body, content_type=content_type or "", verified=verified)
+
+
+async def receive(
+    *,
+    source_name: str,
+    headers: Mapping[str, str],
+    chunks: AsyncIterator[bytes],
+    registry: SourceRegistry,
+    writer: IngestWriter,
+    limits: WebhookLimits,
+    now: dt.datetime,
+    request: RequestLine,
+) -> Received:
+    """Verify, map and store one webhook request; raises a `LeadscoreError` for a rejection."""
+    checked = await verify_request(
+        source_name=source_name,
+        headers=headers,
+        chunks=chunks,
+        registry=registry,
+        limits=limits,
+        now=now,
+        request=request,
+    )
+    source = checked.source
+    label = source.name
+    try:
         mapped = mapper_for(source.scheme).map(
-            body, verified=verified, config=source.config, now=now, max_events=limits.max_events
+            checked.body, verified=checked.verified, config=source.config, now=now, max_events=limits.max_events
         )
         result = await writer.submit(
             IngestJob(
                 source_id=source.id,
-                webhook_id=verified.webhook_id,
-                content_type=content_type or "",
-                body=body,
+                webhook_id=checked.verified.webhook_id,
+                content_type=checked.content_type,
+                body=checked.body,
                 events=mapped.events,
                 event_keys=mapped.keys,
                 received_at=now,

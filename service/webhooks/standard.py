@@ -106,7 +106,7 @@ def parse_events(body: bytes, *, max_events: int) -> list[LeadEvent]:
             return [LeadEvent.model_validate_json(body)]
         except ValidationError as exc:
             if not any(e["type"] == "json_invalid" for e in exc.errors()):
-                raise InvalidEvent(_field_errors(exc)) from None
+                raise InvalidEvent(field_errors(exc)) from None
             # Not JSON after all: fall through for the same message as any other bad JSON.
     try:
         data = orjson.loads(body)
@@ -121,10 +121,11 @@ def parse_events(body: bytes, *, max_events: int) -> list[LeadEvent]:
             return _events_adapter.validate_python(data)
         return [LeadEvent.model_validate(data)]
     except ValidationError as exc:
-        raise InvalidEvent(_field_errors(exc)) from None
+        raise InvalidEvent(field_errors(exc)) from None
 
 
-def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """Pydantic errors as `{"loc", "msg", "type"}` items, `loc` dotted (`0.subject.email`)."""
     return [
         {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"], "type": e["type"]}
         for e in exc.errors(include_url=False, include_input=False)
