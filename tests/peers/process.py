@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -62,7 +63,7 @@ class CrmPeer:
             stderr=subprocess.STDOUT,
         )
         out.close()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
             try:
                 if httpx.post(f"{self.url}/_control/health", timeout=1).status_code == 200:
@@ -76,9 +77,13 @@ class CrmPeer:
     def stop(self) -> None:
         if self._proc is None:
             return
+        # Write the request log out first: on a loaded machine a graceful stop can outlast the wait
+        # below, and a killed peer would lose what it had not flushed.
+        with contextlib.suppress(httpx.HTTPError):
+            self.flush()
         self._proc.send_signal(signal.SIGTERM)
         try:
-            self._proc.wait(timeout=10)
+            self._proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(timeout=10)

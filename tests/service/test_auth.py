@@ -306,8 +306,8 @@ async def test_valid_viewer_token_reads_but_may_not_use_ops_routes(
     [
         pytest.param({"iss": "https://evil.example.test"}, "another issuer", id="wrong-issuer"),
         pytest.param({"aud": "someone-else"}, "audience", id="wrong-audience"),
-        pytest.param({"exp": int(time.time()) - 120}, "expired", id="expired"),
-        pytest.param({"nbf": int(time.time()) + 600}, "not valid yet", id="not-yet-valid"),
+        pytest.param({"exp": -120}, "expired", id="expired"),  # times: seconds from when the test runs
+        pytest.param({"nbf": 600}, "not valid yet", id="not-yet-valid"),
         pytest.param({"sub": None}, "'sub'", id="no-subject"),
         pytest.param({"exp": None}, "'exp'", id="no-expiry"),
     ],
@@ -315,6 +315,9 @@ async def test_valid_viewer_token_reads_but_may_not_use_ops_routes(
 async def test_invalid_claims_are_401(
     oidc: httpx.AsyncClient, idp: IdentityProvider, claims: dict[str, Any], detail: str
 ) -> None:
+    # Relative to now, not to collection: a long suite must not turn "not yet valid" into valid.
+    now = int(time.time())
+    claims = {k: now + v if k in ("exp", "nbf") and v is not None else v for k, v in claims.items()}
     response = await oidc.get(VIEWER_ROUTE, headers=bearer(idp.token(**claims)))
     assert_error(response, 401, "Unauthenticated")
     assert detail in response.json()["detail"]
