@@ -225,7 +225,9 @@ def test_signed_events_become_exactly_routed_crm_handoffs_through_failures(
             timeout=240,
             logs=logs,
         )
-        assert db.run(workers_seen) == len(workers.procs)  # the killed worker, its replacement (and the second)
+        # The killed worker had delivered, and another process finished its work. (Which of the others
+        # did is up to the race for rows: on PostgreSQL the second worker may take them all.)
+        assert db.run(workers_seen) >= 2
     finally:
         codes = workers.stop_all()
         server.stop()
