@@ -63,9 +63,10 @@ async def hand_off(
     lead_ids = list(latest)
     traits, identities = await repo.lead_facts(conn, lead_ids)
     records = await repo.score_records(conn, [r["score_record_id"] for r in latest.values() if r["score_record_id"]])
+    record_of = {lead_id: records.get(row["score_record_id"]) for lead_id, row in latest.items()}
     leads = []
     for lead_id, row in latest.items():
-        record = records.get(row["score_record_id"]) if row["score_record_id"] else None
+        record = record_of[lead_id]
         leads.append(
             RoutingLead(
                 lead_id=lead_id,
@@ -85,7 +86,7 @@ async def hand_off(
     items: list[DeliveryItem] = []
     for assignment in assignments:
         row = latest[assignment.lead_id]
-        record = records.get(row["score_record_id"]) if row["score_record_id"] else None
+        record = record_of[assignment.lead_id]
         ids = identities.get(assignment.lead_id, [])
         handoff = Handoff(
             lead_id=assignment.lead_id,
