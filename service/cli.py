@@ -34,6 +34,7 @@ from service.sources import (
     rotate_source,
     source_config,
 )
+from service.training_data import DEFAULT_POSITIVE, POSITIVE_KINDS
 from service.webhooks import SCHEMES
 
 T = TypeVar("T")
@@ -413,6 +414,82 @@ def train(spec_path: Path, data_path: Path, label: str, activate: bool, reason: 
         return {**out, "metrics": registered.metrics}
 
     _print_json(_with_engine(run))
+
+
+def _iso_time(_ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
+    """An ISO 8601 date or time (`2026-11-01`, `2026-11-01T08:00:00+01:00`); UTC if no offset."""
+    if value is None:
+        return None
+    try:
+        return _utc(dt.datetime.fromisoformat(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or time", param=param) from None
+
+
+@main.group()
+def outcomes() -> None:
+    """CRM outcomes: export them as training labels."""
+
+
+@outcomes.command("export")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--since", metavar="ISO-TIME", callback=_iso_time, help="Only outcomes that occurred at or after this time (UTC)."
+)
+@click.option("--until", metavar="ISO-TIME", callback=_iso_time, help="Only outcomes that occurred before this time.")
+@click.option("--label-column", default="Converted", show_default=True, help="Name of the 0/1 column.")
+@click.option(
+    "--positive",
+    default=",".join(DEFAULT_POSITIVE),
+    show_default=True,
+    help=f"Outcome kinds labelled 1, comma-separated, among {', '.join(POSITIVE_KINDS)}; `lost` is 0.",
+)
+def outcomes_export(
+    out_path: Path, since: dt.datetime | None, until: dt.datetime | None, label_column: str, positive: str
+) -> None:
+    """Write a training CSV from CRM outcomes, for `leadscore train --data FILE --label COLUMN`.
+
+    One row per live (not merged) lead with a decisive outcome: label 1 for a --positive kind,
+    0 for `lost`; a lead with several takes its latest. Kinds that are neither (by default
+    `accepted`) label nothing: a lead with only those has no row. Columns: lead_id, outcome_at,
+    the label, then every trait of the exported leads (sorted, names verbatim).
+
+    Leakage guard: a trait whose current value was set (by event time) at or after the deciding
+    outcome is left empty, so the spec's missing handling applies; the count is printed. Only
+    current values are stored, so an older value overwritten later cannot be recovered: that
+    trait is empty rather than its value at the time.
+    """
+    import tempfile
+
+    from service.training_data import export_training_data
+
+    kinds = [k.strip() for k in positive.split(",") if k.strip()]
+    if not out_path.parent.is_dir():
+        raise click.ClickException(f"no directory {out_path.parent}")
+    # Written next to the target and renamed into place, so a failed export leaves no partial
+    # file; mkstemp's owner-only mode stays, which suits a file of people's details.
+    fd, name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".partial")
+    partial = Path(name)
+    try:
+        with open(fd, "w", newline="", encoding="utf-8") as out:
+            summary = _with_engine(
+                lambda e: export_training_data(
+                    e, out, label_column=label_column, positive=kinds, since=since, until=until
+                )
+            )
+        partial.replace(out_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    click.echo(
+        f"exported {summary.rows} labelled leads ({summary.positive} positive, {summary.negative} negative) "
+        f"with {len(summary.trait_columns)} trait columns into {out_path}",
+        err=True,
+    )
+    click.echo(f"leakage guard: blanked {summary.blanked_cells} trait cells set at or after the outcome", err=True)
+    if summary.dropped_traits:
+        click.echo(f"left out traits named like a fixed column: {', '.join(summary.dropped_traits)}", err=True)
+    _print_json({"out": str(out_path), **summary.as_dict()})
 
 
 @main.command("score")

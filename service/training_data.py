@@ -1,0 +1,192 @@
+"""CRM outcomes as training labels: a CSV that `leadscore train --label <column>` reads.
+
+One row per live (not merged) lead with a decisive outcome, in lead id order:
+
+- **Label.** The kinds in `positive` (default `converted`, `won`) are 1, `lost` is 0; other kinds
+  (by default `accepted`) decide nothing, so a lead whose only outcomes are those gets no row.
+  A lead with several decisive outcomes takes its latest (by `occurred_at`, then by the order
+  they were recorded): won then lost is 0, lost then won is 1. With `since`/`until`, only outcomes
+  that occurred in `[since, until)` count.
+- **Columns.** `lead_id`, `outcome_at` (the deciding outcome's time, ISO 8601 UTC), the label
+  column, then one column per trait: the union of the exported leads' trait names, sorted, kept
+  verbatim (spaces and all). A trait named like one of the first three columns is left out and
+  reported. Values are written as the feature layer reads them: strings as they are, booleans as
+  `true`/`false`, numbers as Python prints them, a missing value as an empty cell.
+- **Leakage guard.** A label's features must be what was known before the outcome. `lead.traits`
+  holds each trait's current value and `lead.trait_times` the event time that set it; a trait set
+  at or after the deciding outcome's `occurred_at` (or with no recorded time) is blanked, so the
+  spec's missing handling applies, and counted. Limit: only the current value is stored, so an
+  older value that a later event overwrote cannot be recovered; such a trait is missing rather
+  than its value at the time.
+- Outcomes recorded on a lead before it was merged into another stay on the merged lead (merges
+  move identities and events, not outcomes), so they are not exported. Outcomes received after a
+  merge are recorded on the surviving lead and are.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.errors import LeadscoreError
+from service.repositories import training_data as repo
+
+POSITIVE_KINDS = ("accepted", "converted", "won")
+DEFAULT_POSITIVE = ("converted", "won")
+NEGATIVE_KIND = "lost"
+LEAD_ID_COLUMN = "lead_id"
+OUTCOME_AT_COLUMN = "outcome_at"
+
+
+class InvalidExport(LeadscoreError):
+    """The export's options contradict each other or name unknown outcome kinds (422)."""
+
+    status = 422
+
+
+@dataclass
+class ExportSummary:
+    """What an export wrote."""
+
+    rows: int = 0
+    positive: int = 0
+    negative: int = 0
+    trait_columns: list[str] = field(default_factory=list)
+    # Traits named like the lead id, outcome time or label column: left out of the file.
+    dropped_traits: list[str] = field(default_factory=list)
+    blanked_cells: int = 0
+    blanked_by_trait: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "positive": self.positive,
+            "negative": self.negative,
+            "trait_columns": len(self.trait_columns),
+            "dropped_traits": self.dropped_traits,
+            "blanked_cells": self.blanked_cells,
+            "blanked_by_trait": dict(sorted(self.blanked_by_trait.items())),
+        }
+
+
+def latest_decisive(outcomes: Iterable[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The outcome that decides a lead's label: the latest by `occurred_at`, then by `id` (the
+    later recorded). `outcomes` must not be empty."""
+    return max(outcomes, key=lambda o: (o["occurred_at"], o["id"]))
+
+
+def known_before(trait_time: str | None, at: dt.datetime) -> bool:
+    """Whether a trait whose current value was set at `trait_time` (a `trait_times` entry, ISO
+    8601) was known strictly before `at`. An unknown or unreadable time is not."""
+    if not trait_time:
+        return False
+    try:
+        set_at = dt.datetime.fromisoformat(trait_time)
+    except ValueError:
+        return False
+    if set_at.tzinfo is None:
+        set_at = set_at.replace(tzinfo=dt.UTC)
+    return set_at < at
+
+
+def cell(value: Any) -> str:
+    """A trait value as a CSV cell that the feature layer reads as it reads the stored value."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def trait_cells(
+    traits: Mapping[str, Any], trait_times: Mapping[str, str], columns: Sequence[str], outcome_at: dt.datetime
+) -> tuple[list[str], list[str]]:
+    """The cells of `columns` for one lead, and the names blanked by the leakage guard (an empty
+    value blanks nothing)."""
+    cells: list[str] = []
+    blanked: list[str] = []
+    for name in columns:
+        text = cell(traits.get(name))
+        if not text or known_before(trait_times.get(name), outcome_at):
+            cells.append(text)
+        else:
+            cells.append("")
+            blanked.append(name)
+    return cells, blanked
+
+
+def check_options(
+    *, label_column: str, positive: Collection[str], since: dt.datetime | None, until: dt.datetime | None
+) -> None:
+    """`InvalidExport` for options that cannot make a labelled file."""
+    unknown = sorted(set(positive) - set(POSITIVE_KINDS))
+    if unknown:
+        raise InvalidExport(f"positive outcome kinds must be among {', '.join(POSITIVE_KINDS)}; got {unknown}")
+    if not positive:
+        raise InvalidExport("give at least one positive outcome kind")
+    if not label_column.strip() or label_column in (LEAD_ID_COLUMN, OUTCOME_AT_COLUMN):
+        raise InvalidExport(f"the label column cannot be empty, {LEAD_ID_COLUMN!r} or {OUTCOME_AT_COLUMN!r}")
+    if since is not None and until is not None and since >= until:
+        raise InvalidExport("since must be before until")
+
+
+async def export_training_data(
+    engine: AsyncEngine,
+    out: TextIO,
+    *,
+    label_column: str,
+    positive: Collection[str] = DEFAULT_POSITIVE,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    page_size: int = 1000,
+) -> ExportSummary:
+    """Write the labelled training CSV (see the module doc) to `out`, reading one snapshot of the
+    database a page of `page_size` leads at a time."""
+    check_options(label_column=label_column, positive=positive, since=since, until=until)
+    positive = frozenset(positive)
+    kinds = positive | {NEGATIVE_KIND}
+    fixed = (LEAD_ID_COLUMN, OUTCOME_AT_COLUMN, label_column)
+    summary = ExportSummary()
+    writer = csv.writer(out)
+    async with repo.read_snapshot(engine) as conn:
+        names = await repo.labelled_trait_names(conn, kinds=kinds, since=since, until=until)
+        summary.trait_columns = [n for n in names if n not in fixed]
+        summary.dropped_traits = [n for n in names if n in fixed]
+        writer.writerow([*fixed, *summary.trait_columns])
+        after = None
+        while True:
+            ids = await repo.labelled_lead_ids_page(
+                conn, kinds=kinds, since=since, until=until, after=after, limit=page_size
+            )
+            if not ids:
+                return summary
+            after = ids[-1]
+            leads = await repo.live_leads_with_traits(conn, ids)
+            by_lead: dict[Any, list[dict[str, Any]]] = {}
+            for row in await repo.labelled_outcomes(conn, ids, kinds=kinds, since=since, until=until):
+                by_lead.setdefault(row["lead_id"], []).append(row)
+            for lead in leads:
+                # Every paged id has a labelled outcome: the same filter, in the same snapshot.
+                decisive = latest_decisive(by_lead[lead["id"]])
+                occurred_at: dt.datetime = decisive["occurred_at"]
+                label = 1 if decisive["kind"] in positive else 0
+                cells, blanked = trait_cells(
+                    lead["traits"] or {}, lead["trait_times"] or {}, summary.trait_columns, occurred_at
+                )
+                writer.writerow([str(lead["id"]), occurred_at.astimezone(dt.UTC).isoformat(), str(label), *cells])
+                summary.rows += 1
+                summary.positive += label
+                summary.negative += 1 - label
+                summary.blanked_cells += len(blanked)
+                for name in blanked:
+                    summary.blanked_by_trait[name] = summary.blanked_by_trait.get(name, 0) + 1
