@@ -381,7 +381,8 @@ def audit_verify() -> None:
 )
 @click.option("--reason", default=None, help="Why (the change request's reason; needed once a version is active).")
 def train(spec_path: Path, data_path: Path, label: str, activate: bool, reason: str | None) -> None:
-    """Train a pipeline spec on a labelled CSV and register it as a new immutable version."""
+    """Train a pipeline spec on a labelled CSV (such as `leadscore outcomes export` writes) and
+    register it as a new immutable version."""
     from service.pipelines import InvalidPipeline, parse_spec, read_training_csv, train_and_register
 
     spec_text = spec_path.read_text()
@@ -432,9 +433,18 @@ def outcomes() -> None:
 
 
 @outcomes.command("export")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option(
-    "--since", metavar="ISO-TIME", callback=_iso_time, help="Only outcomes that occurred at or after this time (UTC)."
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The CSV to write (replaced if it exists).",
+)
+@click.option(
+    "--since",
+    metavar="ISO-TIME",
+    callback=_iso_time,
+    help="Only outcomes that occurred at or after this time (UTC if no offset).",
 )
 @click.option("--until", metavar="ISO-TIME", callback=_iso_time, help="Only outcomes that occurred before this time.")
 @click.option("--label-column", default="Converted", show_default=True, help="Name of the 0/1 column.")
