@@ -18,9 +18,7 @@ One row per live (not merged) lead with a decisive outcome, in lead id order:
   spec's missing handling applies, and counted. Limit: only the current value is stored, so an
   older value that a later event overwrote cannot be recovered; such a trait is missing rather
   than its value at the time.
-- Outcomes recorded on a lead before it was merged into another stay on the merged lead (merges
-  move identities and events, not outcomes), so they are not exported. Outcomes received after a
-  merge are recorded on the surviving lead and are.
+- A merge moves the merged lead's outcomes to the survivor, so they label the survivor.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from service.repositories.tables import (
     lead,
     lead_identity,
     lead_merge,
+    outcome,
 )
 
 # Larger IN lists are split so no statement exceeds SQLite's bound-parameter limit.
@@ -394,7 +395,11 @@ async def insert_identities(conn: AsyncConnection, identities: dict[Identity, uu
 
 
 async def record_merges(conn: AsyncConnection, merges: Sequence[Merge], now: dt.datetime) -> None:
-    """Move everything of each merged lead to its survivor and record the merge."""
+    """Move everything of each merged lead to its survivor and record the merge.
+
+    What sales reported (outcomes) is about the person, so it moves too: reports and training
+    labels read outcomes of live leads only. Stage transitions, scores and assignments stay with
+    the lead that had them (they are its history; the survivor takes its stage)."""
     for m in merges:
         await conn.execute(
             lead_identity.update().where(lead_identity.c.lead_id == m.merged_id).values(lead_id=m.survivor_id)
@@ -402,6 +407,7 @@ async def record_merges(conn: AsyncConnection, merges: Sequence[Merge], now: dt.
         await conn.execute(
             inbound_event.update().where(inbound_event.c.lead_id == m.merged_id).values(lead_id=m.survivor_id)
         )
+        await conn.execute(outcome.update().where(outcome.c.lead_id == m.merged_id).values(lead_id=m.survivor_id))
         await conn.execute(
             lead.update()
             .where(sa.or_(lead.c.id == m.merged_id, lead.c.merged_into_id == m.merged_id))

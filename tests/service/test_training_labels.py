@@ -165,9 +165,12 @@ async def test_merged_leads_are_not_exported(app: FastAPI, client: httpx.AsyncCl
     both = await post(client, sender, {}, on=day(4), email="ana@acme.io", external_ids={"hubspot": "7"})
     assert both == survivor
     assert await db.scalar("SELECT count(*) FROM lead WHERE merged_into_id IS NOT NULL") == 1
+    # What sales reported about either lead now belongs to the survivor.
+    moved = "SELECT count(*) FROM outcome JOIN lead ON lead.id = outcome.lead_id WHERE lead.merged_into_id IS NULL"
+    assert await db.scalar(moved) == await db.scalar("SELECT count(*) FROM outcome") == 2
     _, rows, _ = await export(app)
-    # The merged lead has no row (its won outcome stays with it); the survivor has its own label
-    # and the traits it took over.
+    # The merged lead has no row; the survivor's latest decisive outcome (lost, day 3, after the
+    # merged lead's win on day 2) labels it, with the traits it took over.
     assert [(r["lead_id"], r["Converted"], r["title"]) for r in rows] == [(survivor, "0", "CTO")]
     # An outcome reported for the merged lead after the merge is recorded on the survivor.
     await outcomes(app, (merged, "won", day(6)))
