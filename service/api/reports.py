@@ -1,0 +1,59 @@
+"""Routes for report readers (viewer): funnel, score bands, routing balance, model health.
+
+Every report answers JSON, or CSV (its `rows` table) with `Accept: text/csv` or `?format=csv`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query
+from pydantic import AwareDatetime, BaseModel
+from starlette.responses import Response
+
+from service.events import ErrorBody
+from service.reports.common import csv_text
+
+router = APIRouter(tags=["reports"])
+
+CSV_TYPE = "text/csv"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {"content": {CSV_TYPE: {"schema": {"type": "string"}}}},
+    **{code: {"model": ErrorBody} for code in (401, 403, 422)},
+}
+
+Since = Annotated[
+    AwareDatetime | None,
+    Query(description="Start of the period, inclusive, with a UTC offset (default: 30 days before `until`)."),
+]
+Until = Annotated[
+    AwareDatetime | None, Query(description="End of the period, exclusive, with a UTC offset (default: now).")
+]
+Format = Annotated[
+    Literal["json", "csv"] | None,
+    Query(description="`csv` answers the report's rows as CSV, as `Accept: text/csv` does."),
+]
+Accept = Annotated[str | None, Header()]
+
+
+def wants_csv(format: Literal["json", "csv"] | None, accept: str | None) -> bool:
+    """`?format=` wins; otherwise CSV when the client accepts text/csv and not JSON first."""
+    if format is not None:
+        return format == "csv"
+    if not accept:
+        return False
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    return CSV_TYPE in types and (
+        "application/json" not in types or types.index(CSV_TYPE) < types.index("application/json")
+    )
+
+
+def csv_response(name: str, rows: Sequence[BaseModel], row_model: type[BaseModel]) -> Response:
+    """The report's rows as a CSV download named after the report."""
+    body = csv_text(rows, list(row_model.model_fields))
+    return Response(
+        body,
+        media_type=f"{CSV_TYPE}; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="leadscore-{name}.csv"'},
+    )
