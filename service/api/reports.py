@@ -12,8 +12,17 @@ from fastapi import APIRouter, Header, Query
 from pydantic import AwareDatetime, BaseModel
 from starlette.responses import Response
 
+from service.api.deps import ServicesDep, Viewer, utcnow
 from service.events import ErrorBody
-from service.reports.common import csv_text
+from service.reports.common import csv_text, resolve_period
+from service.reports.scores import (
+    CalibrationRow,
+    ModelReport,
+    ScoreBandRow,
+    ScoreBandsReport,
+    model_report,
+    score_bands_report,
+)
 
 router = APIRouter(tags=["reports"])
 
@@ -57,3 +66,62 @@ def csv_response(name: str, rows: Sequence[BaseModel], row_model: type[BaseModel
         media_type=f"{CSV_TYPE}; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="leadscore-{name}.csv"'},
     )
+
+
+# --- score bands and model health (service.reports.scores) ------------------------------------------------
+
+PipelineParam = Annotated[int | None, Query(description="A pipeline version number (default: the active one).")]
+_SCORE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{code: {"model": ErrorBody} for code in (404, 409)}}
+
+
+@router.get("/v1/reports/score-bands", response_model=ScoreBandsReport, responses=_SCORE_ERRORS)
+async def get_score_bands_report(
+    services: ServicesDep,
+    _: Viewer,
+    since: Since = None,
+    until: Until = None,
+    pipeline: PipelineParam = None,
+    bands: Annotated[
+        str | None, Query(description="Band edges from 0 to 100, comma-separated (default `0,20,40,60,80,100`).")
+    ] = None,
+    band_width: Annotated[
+        float | None,
+        Query(description="Bands of this many points from 0 instead of `bands` (the last may be narrower)."),
+    ] = None,
+    format: Format = None,
+    accept: Accept = None,
+) -> Any:
+    """Conversion rate per score band and per grade of a pipeline version's scores, with a monotonicity check."""
+    report = await score_bands_report(
+        services.engine,
+        period=resolve_period(since, until, now=utcnow()),
+        pipeline=pipeline,
+        bands=bands,
+        band_width=band_width,
+    )
+    return csv_response("score-bands", report.rows, ScoreBandRow) if wants_csv(format, accept) else report
+
+
+@router.get("/v1/reports/model", response_model=ModelReport, responses=_SCORE_ERRORS)
+async def get_model_report(
+    services: ServicesDep,
+    _: Viewer,
+    since: Since = None,
+    until: Until = None,
+    pipeline: PipelineParam = None,
+    format: Format = None,
+    accept: Accept = None,
+) -> Any:
+    """ROC-AUC, Brier, log loss and calibration on outcomes since activation, beside training; drift warnings."""
+    now = utcnow()
+    settings = services.settings
+    report = await model_report(
+        services.engine,
+        period=resolve_period(since, until, now=now) if since or until else None,
+        pipeline=pipeline,
+        min_outcomes=settings.report_model_min_outcomes,
+        roc_auc_tolerance=settings.report_drift_roc_auc_tolerance,
+        brier_tolerance=settings.report_drift_brier_tolerance,
+        now=now,
+    )
+    return csv_response("model", report.rows, CalibrationRow) if wants_csv(format, accept) else report
