@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from scoring.errors import TrainingDataInvalid
+from scoring.evaluation import calibration_table, classification_metrics
 from scoring.features import FeatureResolver, feature_definitions, model_matrix
 from scoring.rules import RuleSet
 from scoring.scorecard import ARTIFACT_FORMAT, compile_scorecard
@@ -163,7 +164,7 @@ def train_pipeline(
     for k, (fit_idx, val_idx) in enumerate(folds.split(x_train, y_train)):
         estimator = clone(build_estimator(spec))
         estimator.fit(x_train[fit_idx], y_train[fit_idx])
-        fold_metrics.append(_metrics(y_train[val_idx], estimator.predict_proba(x_train[val_idx])[:, 1]))
+        fold_metrics.append(classification_metrics(y_train[val_idx], estimator.predict_proba(x_train[val_idx])[:, 1]))
         report("cross_validate", 0.05 + 0.75 * (k + 1) / model.cv_folds)
 
     fitted = build_estimator(spec)
@@ -191,8 +192,8 @@ def train_pipeline(
             }
             for key in ("roc_auc", "pr_auc", "brier", "log_loss")
         },
-        "holdout": _metrics(y_holdout, holdout_p),
-        "calibration_table": _calibration_table(y_holdout, holdout_p),
+        "holdout": classification_metrics(y_holdout, holdout_p),
+        "calibration_table": calibration_table(y_holdout, holdout_p),
         "score_deciles": _deciles(y_holdout, holdout_scores, holdout_p),
     }
     common = {
@@ -246,37 +247,6 @@ def _labels(
             f"for {folds} folds and a {holdout:.0%} hold-out"
         )
     return y
-
-
-def _metrics(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64]) -> dict[str, float]:
-    from sklearn.metrics import average_precision_score, brier_score_loss, log_loss, roc_auc_score
-
-    return {
-        "roc_auc": float(roc_auc_score(y, p)),
-        "pr_auc": float(average_precision_score(y, p)),
-        "brier": float(brier_score_loss(y, p)),
-        "log_loss": float(log_loss(y, p, labels=[0, 1])),
-    }
-
-
-def _calibration_table(y: npt.NDArray[np.int64], p: npt.NDArray[np.float64]) -> list[dict[str, Any]]:
-    """Ten equal-width probability bins: how many leads, mean predicted, observed conversion."""
-    bins = np.minimum((p * 10).astype(np.intp), 9)
-    table = []
-    for b in range(10):
-        mask = bins == b
-        count = int(mask.sum())
-        table.append(
-            {
-                "bin": b,
-                "lower": b / 10,
-                "upper": (b + 1) / 10,
-                "count": count,
-                "mean_predicted": float(p[mask].mean()) if count else None,
-                "observed_rate": float(y[mask].mean()) if count else None,
-            }
-        )
-    return table
 
 
 def _deciles(

@@ -23,6 +23,7 @@ from service.api import (
     leads,
     outcomes,
     pipelines,
+    reports,
     routing,
     thresholds,
     webhooks,
@@ -153,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(change_requests.router)
     app.include_router(thresholds.router)
     app.include_router(outcomes.router)
+    app.include_router(reports.router)
     app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:

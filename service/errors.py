@@ -128,6 +128,12 @@ class InvalidCursor(LeadscoreError):
     status = 422
 
 
+class InvalidReportPeriod(LeadscoreError):
+    """A report's `since`/`until` make an empty, reversed or too long period (422)."""
+
+    status = 422
+
+
 def error_response(exc: LeadscoreError) -> JsonResponse:
     return JsonResponse(
         {"error": type(exc).__name__, "detail": exc.detail},

@@ -93,6 +93,26 @@ class Settings(BaseSettings):
     lost_outcome_stage: Literal["recycled", "disqualified"] = Field(
         default="recycled", description="The stage a `lost` outcome from the CRM moves a lead to."
     )
+    report_model_min_outcomes: int = Field(
+        default=50,
+        ge=2,
+        description="Model report: the fewest leads with a final outcome (and both a conversion and a loss among "
+        "them) before ROC-AUC, Brier score and calibration are computed; fewer says `insufficient_data`.",
+    )
+    report_drift_roc_auc_tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Model report: warn of drift when ROC-AUC on outcomes is more than this (absolute) below "
+        "the training hold-out's.",
+    )
+    report_drift_brier_tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Model report: warn of drift when the Brier score on outcomes is more than this (absolute) "
+        "above the training hold-out's.",
+    )
     demo_pipeline_spec: Path = Field(
         default=Path("pipelines/x-education.yaml"),
         description="Dev mode: the spec trained at start-up when no pipeline version is active.",
