@@ -181,7 +181,9 @@ async def record_outcomes(conn: AsyncConnection, outcomes: Sequence[FetchOutcome
     (one whose lease ran out may have been claimed by another worker: then the attempt changes
     nothing and is recorded as `stale`). Every attempt is recorded. Returns how many jobs changed."""
     applied: set[tuple[uuid.UUID, uuid.UUID]] = set()
-    for outcome in outcomes:
+    # In the order `request_fetches` locks jobs in, so this and an ingest transaction asking for the
+    # same contacts cannot deadlock on PostgreSQL.
+    for outcome in sorted(outcomes, key=lambda o: (o.claimed.source_id, o.claimed.object_id)):
         claimed = outcome.claimed
         result = await conn.execute(
             enrichment_job.update()
