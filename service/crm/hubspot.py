@@ -11,7 +11,6 @@ properties `leadscore_score`, `leadscore_grade`). HubSpot answers 200/201 with t
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +82,6 @@ class HubSpotContact:
     updated_at: str | None
     body: bytes
     status_code: int
-    duration_s: float
 
 
 async def fetch_contact(
@@ -100,7 +98,6 @@ async def fetch_contact(
     connection failures or an answer that is not a contact, `CrmRejected` on any other 4xx (404: no
     such contact; 401/403: the token is wrong or lacks the contacts read scope)."""
     url = base_url.rstrip("/") + CONTACT_PATH + quote(contact_id, safe="")
-    started = time.perf_counter()
     try:
         response = await client.get(
             url,
@@ -111,7 +108,6 @@ async def fetch_contact(
         raise CrmTransportError(f"timed out: {type(exc).__name__}") from None
     except httpx.TransportError as exc:
         raise CrmTransportError(f"transport error: {type(exc).__name__}: {exc}") from None
-    took = time.perf_counter() - started
     raise_for_status(response, now)
     answer = json_body(response)
     raw = answer.get("properties") if isinstance(answer, dict) else None
@@ -128,5 +124,4 @@ async def fetch_contact(
         updated_at=updated if isinstance(updated, str) else None,
         body=response.content,
         status_code=response.status_code,
-        duration_s=took,
     )

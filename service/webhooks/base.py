@@ -23,7 +23,8 @@ from service.errors import InvalidEvent, InvalidJson, InvalidSignature
 from service.events import LeadEvent
 
 TraitName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-# HubSpot's internal property names: lower-case letters, digits and underscores (custom ones too).
+# A HubSpot property's internal name (HubSpot makes them of lower-case letters, digits and
+# underscores): nothing that could not go into the `properties` query parameter as it is.
 PropertyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,100}$")]
 HUBSPOT_API = "https://api.hubapi.com"
 
