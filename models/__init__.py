@@ -209,5 +209,6 @@ class ScoreRecord(SQLModel, table=True):
 
 from models import audit as audit  # noqa: E402,F401  (registers the audit tables on the metadata)
 from models import delivery as delivery  # noqa: E402  (the CRM outbox: models/delivery.py)
+from models import enrichment as enrichment  # noqa: E402,F401  (HubSpot enrichment: models/enrichment.py)
 from models import qualification as qualification  # noqa: E402,F401  (registers the qualification tables)
 from models import routing as routing  # noqa: E402  (routing tables, in their own module)

@@ -33,6 +33,7 @@ from service.change_requests import ChangeApplier, ChangeControl
 from service.crm_outcomes import CrmOutcome
 from service.db import create_engine, is_sqlite
 from service.delivery import build_adapters, build_worker
+from service.enrichment import EnrichmentConfig, EnrichmentWorker
 from service.errors import install_error_handlers
 from service.ingest import IngestWriter
 from service.metrics import RequestMetrics
@@ -96,6 +97,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         delivery, client = build_worker(engine, settings) if in_process else (None, None)
         if delivery is not None:
             delivery.start()
+        # HubSpot enrichment runs where the delivery worker runs, on its HTTP client, and stores what
+        # it fetches through this process's ingest writer.
+        enrichment = (
+            EnrichmentWorker(
+                engine,
+                ingest=writer.submit,
+                client=client,
+                config=EnrichmentConfig.from_settings(settings),
+                pipelines=lambda: pipelines.current,
+            )
+            if client is not None
+            else None
+        )
+        if enrichment is not None:
+            enrichment.start()
         applier = ChangeApplier(engine, control=control, interval_seconds=settings.change_applier_seconds)
         applier.start()
         app.state.services = Services(
@@ -119,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             oidc=OidcVerifier.from_settings(settings),
             delivery=delivery,
             destinations=destinations,
+            enrichment=enrichment,
         )
         # Everything made at start-up (modules, compiled pipelines, caches) lives as long as the
         # process: move it out of the collector's sight, so full collections under load only scan
@@ -129,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await applier.stop()
+            if enrichment is not None:
+                await enrichment.stop()
             if delivery is not None and client is not None:
                 await delivery.stop()
                 await client.aclose()

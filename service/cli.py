@@ -212,22 +212,61 @@ def sources_add(
 @_MAPPING
 @click.option("--clear-mapping", is_flag=True, help="Remove the field mapping (vendor names are kept as they come).")
 @_VERSIONS
+@click.option(
+    "--api-token-stdin",
+    is_flag=True,
+    help="HubSpot: read a private-app token (scope crm.objects.contacts.read) from stdin; turns enrichment on.",
+)
+@click.option("--clear-api-token", is_flag=True, help="HubSpot: remove the API token (enrichment off).")
+@click.option(
+    "--properties",
+    default=None,
+    help="HubSpot: contact properties enrichment reads besides the defaults, comma-separated ('' for none).",
+)
+@click.option("--api-base-url", default=None, help="HubSpot: the API base URL (default https://api.hubapi.com).")
 @_reason
 def sources_configure(
-    name: str, mapping_path: Path | None, clear_mapping: bool, signature_versions: str | None, reason: str | None
+    name: str,
+    mapping_path: Path | None,
+    clear_mapping: bool,
+    signature_versions: str | None,
+    api_token_stdin: bool,
+    clear_api_token: bool,
+    properties: str | None,
+    api_base_url: str | None,
+    reason: str | None,
 ) -> None:
-    """Change a source's field mapping or accepted signature versions; prints the configuration."""
+    """Change a source's field mapping, accepted signature versions or enrichment; prints the
+    configuration (never the token)."""
     if mapping_path and clear_mapping:
         raise click.UsageError("give --mapping or --clear-mapping, not both")
+    if api_token_stdin and clear_api_token:
+        raise click.UsageError("give --api-token-stdin or --clear-api-token, not both")
     mapping = {} if clear_mapping else (_read_mapping(mapping_path) if mapping_path else None)
-    if mapping is None and signature_versions is None:
-        raise click.UsageError("nothing to change: give --mapping, --clear-mapping or --signature-versions")
+    wanted = [p.strip() for p in properties.split(",") if p.strip()] if properties is not None else None
+    if (
+        mapping is None
+        and signature_versions is None
+        and wanted is None
+        and api_base_url is None
+        and not api_token_stdin
+        and not clear_api_token
+    ):
+        raise click.UsageError(
+            "nothing to change: give --mapping, --clear-mapping, --signature-versions, --api-token-stdin, "
+            "--clear-api-token, --properties or --api-base-url"
+        )
+    token = _read_secret(api_token_stdin)
     config = _with_engine(
         lambda e: configure_source(
             e,
             name=name,
             mapping=mapping,
             signature_versions=_versions(signature_versions),
+            properties=wanted,
+            api_base_url=api_base_url,
+            api_token=token,
+            clear_api_token=clear_api_token,
             actor=_actor(),
             reason=reason,
         )
@@ -237,7 +276,7 @@ def sources_configure(
 
 @sources.command("list")
 def sources_list() -> None:
-    """List sources and their configuration (never their secrets)."""
+    """List sources and their configuration (never their secrets; `api_token: true` when one is set)."""
     rows = _with_engine(list_all)
     _print_json(
         [
@@ -247,6 +286,7 @@ def sources_list() -> None:
                 "enabled": r.enabled,
                 "live_secrets": len(r.secrets),
                 "config": r.config.model_dump(mode="json", exclude_defaults=True),
+                **({"api_token": True} if r.api_token is not None else {}),
             }
             for r in rows
         ]
@@ -802,11 +842,13 @@ def change_requests_withdraw(request_id: int, reason: str) -> None:
 @click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Default: LEADSCORE_DELIVERY_CONCURRENCY")
 @click.option("--metrics-port", type=int, default=None, help="Serve this process's Prometheus metrics on this port.")
 def worker(concurrency: int | None, metrics_port: int | None) -> None:
-    """Deliver the outbox to the CRM destinations until SIGTERM or SIGINT (then finish what is in flight)."""
+    """Deliver the outbox to the CRM destinations and fetch HubSpot contacts for enrichment, until
+    SIGTERM or SIGINT (then finish what is in flight)."""
     import signal
 
     from service.crm import InvalidDestinations
     from service.delivery import build_worker, refresh_outbox_gauges
+    from service.enrichment import standalone_worker
 
     settings = Settings()
 
@@ -832,7 +874,10 @@ def worker(concurrency: int | None, metrics_port: int | None) -> None:
 
         reporter = asyncio.create_task(gauges()) if metrics_port else None
         try:
-            await delivery.run_until(stop)
+            # HubSpot enrichment shares the process and its HTTP client: both drain a durable queue.
+            async with standalone_worker(engine, settings, client) as enrichment:
+                enrichment.start()
+                await delivery.run_until(stop)
         finally:
             if reporter is not None:
                 reporter.cancel()

@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -30,6 +30,7 @@ from service.ids import uuid7
 from service.metrics import DB_ERRORS, GROUP_COMMIT_EVENTS
 from service.pipelines import Pipelines, score_leads
 from service.qualification import LoadedPolicy, decide_after_scores, record_transitions, transition_row
+from service.repositories import enrichment as enrichment_repo
 from service.repositories import ingest as repo
 from service.repositories import pipelines as pipelines_repo
 from service.repositories import qualification as qualification_repo
@@ -49,6 +50,9 @@ class IngestJob:
     events: list[LeadEvent]
     event_keys: list[str]
     received_at: dt.datetime
+    # Events after which the vendor's full record is fetched (HubSpot app events of a source with an
+    # API token): index in `events` -> the record's id. Asked for only for events stored new.
+    fetch: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,11 +132,12 @@ async def write_batch(
     event_rows: list[dict[str, Any]] = []
     request_rows: list[dict[str, Any]] = []
     raw: list[tuple[list[tuple[uuid.UUID, uuid.UUID]], list[bool]]] = []
+    fetches: list[tuple[int, str, uuid.UUID]] = []
     for job in jobs:
         request_id = uuid7()
         refs: list[tuple[uuid.UUID, uuid.UUID]] = []
         dups: list[bool] = []
-        for event, key in zip(job.events, job.event_keys, strict=True):
+        for index, (event, key) in enumerate(zip(job.events, job.event_keys, strict=True)):
             ref = (job.source_id, key)
             if ref in stored or ref in seen:
                 refs.append(stored.get(ref) or seen[ref])
@@ -148,6 +153,8 @@ async def write_batch(
             seen[ref] = (event_id, lead_id)
             refs.append((event_id, lead_id))
             dups.append(False)
+            if index in job.fetch:
+                fetches.append((job.source_id, job.fetch[index], lead_id))
             event_rows.append(
                 {
                     "id": event_id,
@@ -184,6 +191,12 @@ async def write_batch(
     await repo.insert_identities(conn, {k: resolver.final(v) for k, v in resolver.new_identities.items()}, now)
     await repo.record_merges(conn, resolver.merges, now)
     await repo.insert_events(conn, event_rows)
+    # Fetching the full record is the enrichment worker's: here only the durable request for it.
+    await enrichment_repo.request_fetches(
+        conn,
+        [enrichment_repo.FetchRequest(source, record, resolver.final(lead)) for source, record, lead in fetches],
+        now=now,
+    )
 
     # The event rows carry final lead ids; the last new event of a lead is what triggered its score.
     triggers = {row["lead_id"]: row["id"] for row in event_rows}

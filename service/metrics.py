@@ -62,6 +62,11 @@ DELIVERY_DURATION = Histogram(
     ["destination"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+ENRICHMENT_FETCHES = Counter(
+    "leadscore_enrichment_fetches_total",
+    "HubSpot contact fetches for enrichment, by source and outcome (fetched, retry, dead).",
+    ["source", "outcome"],
+)
 # Gauges set from the database when /metrics is scraped (or by the worker); "livemax" keeps the
 # value of the process that saw the most when several processes report.
 OUTBOX_PENDING = Gauge(

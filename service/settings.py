@@ -207,6 +207,17 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="How long an open circuit waits before one probe delivery."
     )
 
+    # HubSpot enrichment (fetching the contacts id-only app webhook events name; sources with a token).
+    enrichment_concurrency: int = Field(
+        default=4, ge=1, le=100, description="HubSpot contact fetches in flight per worker process."
+    )
+    enrichment_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often an idle worker looks for due enrichment fetches."
+    )
+    enrichment_max_attempts: int = Field(
+        default=8, ge=1, description="Attempts before a failing enrichment fetch is given up (dead)."
+    )
+
     @property
     def oidc_enabled(self) -> bool:
         return self.oidc_issuer is not None

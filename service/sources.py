@@ -61,14 +61,17 @@ class SourceRegistry:
 
 
 def _state(row: SourceRow) -> dict[str, object]:
-    # Counts and configuration only: secrets never go into the audit log.
-    return {
+    # Counts and configuration only: secrets and tokens never go into the audit log.
+    state: dict[str, object] = {
         "name": row.name,
         "scheme": row.scheme,
         "enabled": row.enabled,
         "live_secrets": len(row.secrets),
         "config": row.config.model_dump(mode="json", exclude_defaults=True),
     }
+    if row.api_token is not None:
+        state["api_token"] = True
+    return state
 
 
 async def _audit(
@@ -120,6 +123,8 @@ def source_config(
     *,
     mapping: Mapping[str, Any] | None = None,
     signature_versions: Sequence[str] | None = None,
+    properties: Sequence[str] | None = None,
+    api_base_url: str | None = None,
 ) -> SourceConfig:
     """A validated source configuration: `current` with the given parts replaced."""
     data = (current or SourceConfig()).model_dump()
@@ -127,6 +132,10 @@ def source_config(
         data["mapping"] = dict(mapping)
     if signature_versions is not None:
         data["signature_versions"] = tuple(signature_versions)
+    if properties is not None:
+        data["properties"] = tuple(properties)
+    if api_base_url is not None:
+        data["api_base_url"] = api_base_url
     try:
         return SourceConfig.model_validate(data)
     except ValidationError as exc:
@@ -135,8 +144,23 @@ def source_config(
 
 
 def _check_applies(scheme: str, config: SourceConfig | None) -> None:
-    if config is not None and scheme != "hubspot" and config.signature_versions != SourceConfig().signature_versions:
+    if config is None or scheme == "hubspot":
+        return
+    default = SourceConfig()
+    if config.signature_versions != default.signature_versions:
         raise SourceError("signature versions are a HubSpot setting; this source's scheme has one way to sign")
+    if config.properties != default.properties or config.api_base_url != default.api_base_url:
+        raise SourceError("enrichment (properties, API base URL) is a HubSpot setting")
+
+
+def _api_token(scheme: str, token: str) -> str:
+    if scheme != "hubspot":
+        raise SourceError("an API token is a HubSpot setting (enrichment reads contacts with it)")
+    token = token.strip()
+    # It goes into an Authorization header: no whitespace or control characters.
+    if not token or len(token) > 500 or not token.isascii() or not token.isprintable() or " " in token:
+        raise SourceError("an API token is 1 to 500 printable characters without spaces")
+    return token
 
 
 def _stored(config: SourceConfig) -> dict[str, Any]:
@@ -179,18 +203,36 @@ async def configure_source(
     name: str,
     mapping: Mapping[str, Any] | None = None,
     signature_versions: Sequence[str] | None = None,
+    properties: Sequence[str] | None = None,
+    api_base_url: str | None = None,
+    api_token: str | None = None,
+    clear_api_token: bool = False,
     now: dt.datetime | None = None,
     actor: Principal = SYSTEM,
     reason: str | None = None,
 ) -> SourceConfig:
     """Replace the parts given of a source's configuration; returns the whole new configuration.
-    Audited as `source.configured`."""
+    `api_token` sets (or replaces) a HubSpot source's private-app token, which turns enrichment on;
+    `clear_api_token` removes it (off). Audited as `source.configured` (whether a token is set, never
+    the token)."""
     now = now or dt.datetime.now(dt.UTC)
+    if api_token is not None and clear_api_token:
+        raise SourceError("set an API token or clear it, not both")
     async with write_transaction(engine) as conn:
         before = await _existing(conn, name)
-        config = source_config(before.config, mapping=mapping, signature_versions=signature_versions)
+        config = source_config(
+            before.config,
+            mapping=mapping,
+            signature_versions=signature_versions,
+            properties=properties,
+            api_base_url=api_base_url,
+        )
         _check_applies(before.scheme, config)
         await repo.set_config(conn, source_id=before.id, config=_stored(config))
+        if api_token is not None:
+            await repo.set_api_token(conn, source_id=before.id, token=_api_token(before.scheme, api_token), now=now)
+        elif clear_api_token:
+            await repo.clear_api_token(conn, source_id=before.id)
         after = await _existing(conn, name)
         await _audit(
             conn, actor=actor, action="source.configured", name=name, before=before, after=after, reason=reason, now=now

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.auth import Principal, authenticate, require_role
 from service.change_requests import ChangeApplier, ChangeControl
 from service.delivery.worker import DeliveryWorker
+from service.enrichment import EnrichmentWorker
 from service.ingest import IngestWriter
 from service.oidc import OidcVerifier
 from service.pipelines import PipelineRegistry
@@ -40,6 +41,8 @@ class Services:
     # are the configured delivery destinations' names.
     delivery: DeliveryWorker | None = None
     destinations: tuple[str, ...] = ()
+    # The in-process HubSpot enrichment worker, where the delivery worker runs in process.
+    enrichment: EnrichmentWorker | None = None
 
 
 async def get_services(request: Request) -> Services:

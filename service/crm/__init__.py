@@ -15,7 +15,7 @@ from service.crm.config import (
 )
 from service.crm.errors import CrmError, CrmRateLimited, CrmRejected, CrmTransportError
 from service.crm.handoff import Handoff
-from service.crm.hubspot import HubSpotAdapter
+from service.crm.hubspot import HubSpotAdapter, HubSpotContact, fetch_contact
 from service.crm.salesforce import SalesforceAdapter
 from service.crm.webhook import WebhookAdapter
 
@@ -28,11 +28,13 @@ __all__ = [
     "CrmTransportError",
     "Destination",
     "Handoff",
+    "HubSpotContact",
     "HubSpotDestination",
     "InvalidDestinations",
     "SalesforceDestination",
     "WebhookDestination",
     "build_adapter",
+    "fetch_contact",
     "load_destinations",
     "parse_destinations",
     "parse_retry_after",

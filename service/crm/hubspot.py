@@ -1,4 +1,5 @@
-"""HubSpot CRM v3: `POST /crm/v3/objects/contacts/batch/upsert` by email.
+"""HubSpot CRM v3: `POST /crm/v3/objects/contacts/batch/upsert` by email (delivery), and
+`GET /crm/v3/objects/contacts/{id}` (enrichment: `fetch_contact`).
 
 One contact per request (`inputs` of one, `idProperty: email`): the upsert itself is idempotent,
 and a failure is then the failure of exactly one delivery. Properties come from the field mapping
@@ -10,16 +11,20 @@ properties `leadscore_score`, `leadscore_grade`). HubSpot answers 200/201 with t
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+from pydantic import SecretStr
 
 from service.crm.base import CrmReceipt, excerpt, json_body, map_fields, raise_for_status, send
 from service.crm.config import HubSpotDestination
-from service.crm.errors import CrmRejected
+from service.crm.errors import CrmRejected, CrmTransportError
 
 UPSERT_PATH = "/crm/v3/objects/contacts/batch/upsert"
+CONTACT_PATH = "/crm/v3/objects/contacts/"
 
 
 class HubSpotAdapter:
@@ -64,3 +69,59 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class HubSpotContact:
+    """A contact as HubSpot's CRM API answered it: its id, the properties asked for (HubSpot leaves
+    out those it does not define, and gives null for those unset), `updatedAt`, and the answer as
+    received (kept with the events it becomes, as a webhook's raw body is)."""
+
+    id: str
+    properties: dict[str, Any]
+    updated_at: str | None
+    body: bytes
+    status_code: int
+
+
+async def fetch_contact(
+    client: httpx.AsyncClient,
+    *,
+    base_url: str,
+    token: SecretStr,
+    contact_id: str,
+    properties: Sequence[str],
+    now: dt.datetime,
+) -> HubSpotContact:
+    """`GET /crm/v3/objects/contacts/{id}?properties=a,b` with the private-app token. Raises
+    `CrmRateLimited` on 429 (with its `Retry-After`), `CrmTransportError` on 408/5xx, timeouts and
+    connection failures or an answer that is not a contact, `CrmRejected` on any other 4xx (404: no
+    such contact; 401/403: the token is wrong or lacks the contacts read scope)."""
+    url = base_url.rstrip("/") + CONTACT_PATH + quote(contact_id, safe="")
+    try:
+        response = await client.get(
+            url,
+            params={"properties": ",".join(properties)},
+            headers={"authorization": f"Bearer {token.get_secret_value()}", "accept": "application/json"},
+        )
+    except httpx.TimeoutException as exc:
+        raise CrmTransportError(f"timed out: {type(exc).__name__}") from None
+    except httpx.TransportError as exc:
+        raise CrmTransportError(f"transport error: {type(exc).__name__}: {exc}") from None
+    raise_for_status(response, now)
+    answer = json_body(response)
+    raw = answer.get("properties") if isinstance(answer, dict) else None
+    if not isinstance(raw, dict):
+        raise CrmTransportError(
+            "HubSpot answered without the contact's properties",
+            status_code=response.status_code,
+            excerpt=excerpt(response),
+        )
+    updated = answer.get("updatedAt")
+    return HubSpotContact(
+        id=str(answer.get("id") or contact_id),
+        properties=raw,
+        updated_at=updated if isinstance(updated, str) else None,
+        body=response.content,
+        status_code=response.status_code,
+    )

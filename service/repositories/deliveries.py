@@ -12,13 +12,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.ids import uuid7
+from service.repositories import claims
+from service.repositories.claims import WAITING
 from service.repositories.ingest import bulk_insert
 from service.repositories.tables import delivery, delivery_attempt
 
 # Delivery ids are derived from the idempotency key, so an enqueue repeated with the same key (which
 # inserts nothing) still answers the id of the row that holds it.
 _ID_NAMESPACE = uuid.UUID("6f1c1d9e-4a53-4c55-9d51-0c8f3b7f0a11")
-WAITING = ("pending", "in_flight")
 ERROR_CHARS = 1000
 
 
@@ -85,16 +86,7 @@ async def any_due(conn: AsyncConnection, *, destinations: Sequence[str], now: dt
     write lock is the whole database's)."""
     if not destinations:
         return False
-    query = (
-        sa.select(sa.literal(1))
-        .where(
-            delivery.c.status.in_(WAITING),
-            delivery.c.next_attempt_at <= now,
-            delivery.c.destination.in_(list(destinations)),
-        )
-        .limit(1)
-    )
-    return (await conn.execute(query)).first() is not None
+    return await claims.any_due(conn, delivery, now=now, where=[delivery.c.destination.in_(list(destinations))])
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,33 +118,15 @@ async def claim_due(
     other; SQLite's write lock (the caller's `BEGIN IMMEDIATE`) serialises claims."""
     if not destinations or limit <= 0:
         return []
-    token = uuid7()
-    due = (
-        sa.select(delivery.c.id)
-        .where(
-            delivery.c.status.in_(WAITING),
-            delivery.c.next_attempt_at <= now,
-            delivery.c.destination.in_(list(destinations)),
-        )
-        .order_by(delivery.c.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    expires = now + lease
-    statement = (
-        delivery.update()
-        .where(delivery.c.id.in_(due.scalar_subquery()))
-        # In flight, `next_attempt_at` is the lease's end: one index serves both kinds of due row.
-        .values(
-            status="in_flight",
-            attempts=delivery.c.attempts + 1,
-            claimed_by=worker,
-            claim_token=token,
-            lease_expires_at=expires,
-            next_attempt_at=expires,
-            updated_at=now,
-        )
-        .returning(
+    token, rows = await claims.claim_due(
+        conn,
+        delivery,
+        limit=limit,
+        worker=worker,
+        now=now,
+        lease=lease,
+        where=[delivery.c.destination.in_(list(destinations))],
+        returning=(
             delivery.c.id,
             delivery.c.destination,
             delivery.c.idempotency_key,
@@ -160,7 +134,7 @@ async def claim_due(
             delivery.c.attempts,
             delivery.c.created_at,
             delivery.c.replayed_at,
-        )
+        ),
     )
     return [
         Claimed(
@@ -173,7 +147,7 @@ async def claim_due(
             replayed_at=r.replayed_at,
             claim_token=token,
         )
-        for r in await conn.execute(statement)
+        for r in rows
     ]
 
 
@@ -301,25 +275,11 @@ def _cut(text: str | None) -> str | None:
 
 
 async def release_claims(
-    conn: AsyncConnection, claims: Sequence[Claimed], *, now: dt.datetime, retry_at: dt.datetime
+    conn: AsyncConnection, claimed: Sequence[Claimed], *, now: dt.datetime, retry_at: dt.datetime
 ) -> None:
     """Give back claimed rows that were never sent (a worker stopping, a circuit that opened):
     pending again from `retry_at`, the attempt not counted."""
-    for token in {c.claim_token for c in claims}:
-        ids = [c.id for c in claims if c.claim_token == token]
-        await conn.execute(
-            delivery.update()
-            .where(delivery.c.id.in_(ids), delivery.c.claim_token == token, delivery.c.status == "in_flight")
-            .values(
-                status="pending",
-                attempts=delivery.c.attempts - 1,
-                next_attempt_at=retry_at,
-                claimed_by=None,
-                claim_token=None,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-        )
+    await claims.release_claims(conn, delivery, [(c.id, c.claim_token) for c in claimed], now=now, retry_at=retry_at)
 
 
 # Reads and replays (the API and the CLI).

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.repositories.tables import source, source_secret
+from service.repositories.tables import source, source_api_token, source_secret
 from service.webhooks.base import DEFAULT_CONFIG, SourceConfig
 
 
@@ -22,11 +23,21 @@ class SourceRow:
     secrets: tuple[str, ...]
     created_at: dt.datetime
     config: SourceConfig = field(default=DEFAULT_CONFIG)
+    # The vendor API token enrichment fetches records with (HubSpot), if one is set.
+    api_token: SecretStr | None = None
 
 
 async def get_source(conn: AsyncConnection, name: str) -> SourceRow | None:
-    """A source with its live (not retired) secrets, newest first."""
-    row = (await conn.execute(sa.select(source).where(source.c.name == name))).one_or_none()
+    """A source with its live (not retired) secrets, newest first, and its API token."""
+    return await _source_row(conn, source.c.name == name)
+
+
+async def get_source_by_id(conn: AsyncConnection, source_id: int) -> SourceRow | None:
+    return await _source_row(conn, source.c.id == source_id)
+
+
+async def _source_row(conn: AsyncConnection, where: sa.ColumnElement[bool]) -> SourceRow | None:
+    row = (await conn.execute(sa.select(source).where(where))).one_or_none()
     if row is None:
         return None
     secrets = (
@@ -36,6 +47,9 @@ async def get_source(conn: AsyncConnection, name: str) -> SourceRow | None:
             .order_by(source_secret.c.id.desc())
         )
     ).scalars()
+    token = (
+        await conn.execute(sa.select(source_api_token.c.token).where(source_api_token.c.source_id == row.id))
+    ).scalar_one_or_none()
     return SourceRow(
         row.id,
         row.name,
@@ -44,6 +58,7 @@ async def get_source(conn: AsyncConnection, name: str) -> SourceRow | None:
         tuple(secrets),
         row.created_at,
         SourceConfig.model_validate(row.config or {}),
+        None if token is None else SecretStr(token),
     )
 
 
@@ -106,3 +121,13 @@ async def set_enabled(conn: AsyncConnection, *, source_id: int, enabled: bool) -
 
 async def set_config(conn: AsyncConnection, *, source_id: int, config: dict[str, Any]) -> None:
     await conn.execute(source.update().where(source.c.id == source_id).values(config=config))
+
+
+async def set_api_token(conn: AsyncConnection, *, source_id: int, token: str, now: dt.datetime) -> None:
+    """Set (or replace) the source's API token."""
+    await clear_api_token(conn, source_id=source_id)
+    await conn.execute(source_api_token.insert().values(source_id=source_id, token=token, created_at=now))
+
+
+async def clear_api_token(conn: AsyncConnection, *, source_id: int) -> None:
+    await conn.execute(source_api_token.delete().where(source_api_token.c.source_id == source_id))

@@ -30,6 +30,9 @@ threshold_policy_slot = models.metadata.tables["threshold_policy_slot"]
 stage_transition = models.metadata.tables["stage_transition"]
 change_request = models.metadata.tables["change_request"]
 outcome = models.metadata.tables["outcome"]
+source_api_token = models.metadata.tables["source_api_token"]
+enrichment_job = models.metadata.tables["enrichment_job"]
+enrichment_attempt = models.metadata.tables["enrichment_attempt"]
 
 
 def insert_ignoring_conflicts(table: sa.Table, dialect: str) -> sa.Insert:

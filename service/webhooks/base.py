@@ -23,6 +23,10 @@ from service.errors import InvalidEvent, InvalidJson, InvalidSignature
 from service.events import LeadEvent
 
 TraitName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+# A HubSpot property's internal name (HubSpot makes them of lower-case letters, digits and
+# underscores): nothing that could not go into the `properties` query parameter as it is.
+PropertyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,100}$")]
+HUBSPOT_API = "https://api.hubapi.com"
 
 
 class SourceConfig(BaseModel):
@@ -40,6 +44,17 @@ class SourceConfig(BaseModel):
         min_length=1,
         description="HubSpot only: which signature versions are accepted. v1 and v2 carry no timestamp "
         "(a captured request can be replayed), so they are accepted only when listed here.",
+    )
+    properties: tuple[PropertyName, ...] = Field(
+        default=(),
+        max_length=200,
+        description="HubSpot only: contact properties enrichment reads besides the defaults (the traits the "
+        "active pipeline reads, the properties the mapping names, email, firstname, lastname, company).",
+    )
+    api_base_url: str = Field(
+        default=HUBSPOT_API,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="HubSpot only: the API's base URL enrichment calls (with the source's API token).",
     )
 
 
@@ -84,6 +99,9 @@ class Mapped:
     events: list[LeadEvent]
     keys: list[str]
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    # Events after which the vendor's full record is worth fetching (a HubSpot app event carries ids
+    # only): index in `events` -> the record's id. Fetched only when the source has an API token.
+    fetch: dict[int, str] = field(default_factory=dict)
 
 
 class SignatureScheme(Protocol):
@@ -280,8 +298,11 @@ class EventBuilder:
         self.events: list[LeadEvent] = []
         self.keys: list[str] = []
         self.skipped: list[dict[str, Any]] = []
+        self.fetch: dict[int, str] = {}
 
-    def add(self, index: int | str, key: str, event: dict[str, Any]) -> None:
+    def add(self, index: int | str, key: str, event: dict[str, Any], *, fetch: str | None = None) -> None:
+        """Add one item's event under its deduplication key; `fetch` names the vendor record to fetch
+        in full after it (see `Mapped.fetch`)."""
         if "traits" in event:
             event["traits"] = apply_mapping(event["traits"], self._mapping)
         try:
@@ -296,6 +317,8 @@ class EventBuilder:
             self.skip(index, "occurred more than a day in the future")
             return
         # The same key twice in one body is stored once; the writer answers the second as a duplicate.
+        if fetch is not None:
+            self.fetch[len(self.events)] = fetch
         self.events.append(parsed)
         self.keys.append(bounded_key(key))
 
@@ -303,4 +326,4 @@ class EventBuilder:
         self.skipped.append({"index": index, "reason": reason})
 
     def result(self) -> Mapped:
-        return Mapped(events=self.events, keys=self.keys, skipped=self.skipped)
+        return Mapped(events=self.events, keys=self.keys, skipped=self.skipped, fetch=self.fetch)

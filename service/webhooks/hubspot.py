@@ -7,10 +7,11 @@ HubSpot called with the characters of HubSpot's table decoded. v1 (`sha256(secre
 `X-HubSpot-Signature-Version`, carry no timestamp: they are accepted only when the source lists them.
 
 App webhook events carry ids, not the contact: a property change says which property now has which
-value. They are stored as they come and score on what arrived. Fetching the contact's other
-properties is the job of a HubSpot API adapter (`service/crm/`, not part of this module): the seam
-is `contact_ids(events)`, the HubSpot object ids an adapter would read, and the lead's external id
-`hubspot` that ties its answer back to the lead.
+value. They are stored as they come and score on what arrived. When the source has an API token,
+the contact's other properties are fetched afterwards (`service.enrichment`): the mapper names the
+contacts worth fetching (`Mapped.fetch`: after a creation, a property change or a restore, not a
+deletion), and `contact_record` maps the fetched contact back to a lead event, tied to the lead by
+the external id `hubspot`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from service.errors import InvalidEvent, InvalidSignature
-from service.events import LeadEvent
 from service.webhooks.base import (
     EventBuilder,
     Mapped,
@@ -137,6 +137,8 @@ _ACTIVITIES = {
     "merge": "Contacts Merged",
     "associationChange": "Association Changed",
 }
+# Changes after which the contact's record is fetched (with an API token): its properties may be new.
+_FETCH_AFTER = frozenset({"creation", "propertyChange", "restore"})
 # Fields of an app webhook event kept as the properties of the activity it maps to.
 _EVENT_DETAILS = (
     "subscriptionType",
@@ -176,12 +178,6 @@ _WORKFLOW_META = {
 }
 
 
-def contact_ids(events: Sequence[LeadEvent]) -> list[str]:
-    """The HubSpot contact ids the events name: what a HubSpot API adapter would fetch the full
-    properties of (not done here: scoring uses what arrived)."""
-    return sorted({e.subject.external_ids[NAMESPACE] for e in events if NAMESPACE in e.subject.external_ids})
-
-
 class HubSpotMapper:
     """App webhook bodies (JSON arrays) event by event; anything else as a workflow webhook body."""
 
@@ -194,11 +190,11 @@ class HubSpotMapper:
             check_count(data, max_events)
             for index, item in enumerate(data):
                 try:
-                    key, event = _app_event(item)
+                    key, event, fetch = _app_event(item)
                 except Unmappable as exc:
                     out.skip(index, str(exc))
                     continue
-                out.add(index, key, event)
+                out.add(index, key, event, fetch=fetch)
         elif isinstance(data, dict):
             try:
                 key, event = _workflow_event(data, default_at=verified.signed_at or now)
@@ -210,7 +206,9 @@ class HubSpotMapper:
         return out.result()
 
 
-def _app_event(item: Any) -> tuple[str, dict[str, Any]]:
+def _app_event(item: Any) -> tuple[str, dict[str, Any], str | None]:
+    """An app webhook event: its deduplication key, its canonical event, and the contact id to fetch
+    in full after it (None when the change says nothing new about the contact's properties)."""
     if not isinstance(item, dict):
         raise Unmappable("not an object")
     kind = item.get("subscriptionType")
@@ -248,7 +246,7 @@ def _app_event(item: Any) -> tuple[str, dict[str, Any]]:
     else:
         details = {k: item[k] for k in _EVENT_DETAILS if k in item}
         event |= {"type": "lead.activity", "name": _ACTIVITIES.get(change, f"HubSpot {kind}"), "properties": details}
-    return key, event
+    return key, event, object_id if change in _FETCH_AFTER else None
 
 
 def _workflow_event(data: dict[str, Any], *, default_at: dt.datetime) -> tuple[str, dict[str, Any]]:
@@ -285,3 +283,34 @@ def _workflow_event(data: dict[str, Any], *, default_at: dt.datetime) -> tuple[s
     }
     # No event id in a workflow body: the same body twice is the same fact.
     return f"workflow:{digest(data)}", event
+
+
+def contact_record(
+    object_id: str,
+    properties: Mapping[str, Any],
+    *,
+    updated_at: str | None,
+    config: SourceConfig,
+    now: dt.datetime,
+) -> Mapped:
+    """A contact read through HubSpot's CRM API (enrichment) as one `lead.identified` event: every
+    scalar property a trait (through the source's mapping), named by the external id `hubspot` and
+    the `email` property, at the contact's `updatedAt`. Its key is the contact id, `updatedAt` and a
+    digest of the properties, so reading the same state again is a repeat and a changed one is not."""
+    out = EventBuilder(config=config, now=now)
+    try:
+        occurred_at = first_time(
+            [("updatedAt", updated_at), ("properties.lastmodifieddate", properties.get("lastmodifieddate"))],
+            default=now,
+        )
+        event = {
+            "type": "lead.identified",
+            "occurred_at": occurred_at.isoformat(),
+            "subject": subject(properties.get("email"), **{NAMESPACE: object_id}),
+            "traits": scalar_traits(properties),
+        }
+    except Unmappable as exc:
+        out.skip(0, str(exc))
+        return out.result()
+    out.add(0, f"contact:{object_id}:{updated_at or ''}:{digest(dict(properties))[:16]}", event)
+    return out.result()

@@ -138,6 +138,8 @@ async def receive(
                 events=mapped.events,
                 event_keys=mapped.keys,
                 received_at=now,
+                # Without an API token the source scores on what arrived, as it always did.
+                fetch=mapped.fetch if source.api_token is not None else {},
             )
         )
     except Exception as exc:

@@ -12,7 +12,8 @@ import pytest
 from hubspot.utils.signature import Signature
 
 from service.settings import Settings
-from service.webhooks.hubspot import contact_ids
+from service.webhooks.base import DEFAULT_CONFIG, Verified
+from service.webhooks.hubspot import HubSpotMapper
 from tests.conftest import Db
 from tests.service.sources_support import EMPTY, client_for, create_source, identities, lead_traits, stored_events
 
@@ -303,13 +304,23 @@ async def test_a_hubspot_source_needs_the_client_secret_given(settings: Settings
         await create_source(settings, "no-secret", "hubspot")
 
 
-def test_contact_ids_is_the_seam_for_a_hubspot_api_adapter() -> None:
-    from service.events import LeadEvent
-
-    events = [
-        LeadEvent.model_validate(
-            {"type": "lead.updated", "occurred_at": "2026-11-20T10:00:00Z", "subject": {"external_ids": {"hubspot": i}}}
-        )
-        for i in ("7", "3", "7")
-    ]
-    assert contact_ids(events) == ["3", "7"]
+def test_the_mapper_names_the_contacts_worth_fetching_after_each_event() -> None:
+    """What enrichment fetches (with an API token): the contact after a creation, a property change
+    or a restore; not after a deletion, a merge or an association, nor for a workflow body."""
+    body = app_events(
+        hs_event(1, "contact.creation", objectId=7),
+        hs_event(2, "deal.creation", objectId=8),
+        hs_event(3, propertyName="jobtitle", propertyValue="CTO", objectId=3),
+        hs_event(4, "contact.deletion", objectId=9),
+        hs_event(5, "contact.merge", objectId=10),
+        hs_event(6, "contact.restore", objectId=11),
+        hs_event(7, "contact.associationChange", objectId=12),
+    )
+    now = dt.datetime.now(dt.UTC)
+    verified = Verified(webhook_id=None, signed_at=now)
+    mapped = HubSpotMapper().map(body, verified=verified, config=DEFAULT_CONFIG, now=now, max_events=100)
+    # Indexes into the mapped events (the deal event was skipped): creation, property change, restore.
+    assert mapped.fetch == {0: "7", 1: "3", 4: "11"}
+    assert [mapped.events[i].subject.external_ids["hubspot"] for i in mapped.fetch] == ["7", "3", "11"]
+    workflow = json.dumps({"vid": 451, "properties": {"email": {"value": "bo@acme.io"}}}).encode()
+    assert HubSpotMapper().map(workflow, verified=verified, config=DEFAULT_CONFIG, now=now, max_events=1).fetch == {}
