@@ -12,8 +12,11 @@ from fastapi import APIRouter, Header, Query
 from pydantic import AwareDatetime, BaseModel
 from starlette.responses import Response
 
+from service.api.deps import ServicesDep, Viewer, utcnow
 from service.events import ErrorBody
-from service.reports.common import csv_text
+from service.reports.common import csv_text, resolve_period
+from service.reports.funnel import FunnelReport, FunnelRow, funnel_report
+from service.reports.routing import RoutingReport, RoutingTable, routing_report
 
 router = APIRouter(tags=["reports"])
 
@@ -57,3 +60,45 @@ def csv_response(name: str, rows: Sequence[BaseModel], row_model: type[BaseModel
         media_type=f"{CSV_TYPE}; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="leadscore-{name}.csv"'},
     )
+
+
+By = Annotated[
+    Literal["source", "policy"] | None,
+    Query(description="Break the funnel down by the lead's first source, or by the policy version that qualified it."),
+]
+
+
+@router.get("/v1/reports/funnel", response_model=FunnelReport, responses=ERRORS)
+async def get_funnel_report(
+    services: ServicesDep,
+    _: Viewer,
+    since: Since = None,
+    until: Until = None,
+    by: By = None,
+    source: Annotated[str | None, Query(description="Only leads whose first event came from this source.")] = None,
+    format: Format = None,
+    accept: Accept = None,
+) -> FunnelReport | Response:
+    """Leads per lifecycle stage: how far the period's new leads got, conversion between stages, and stage entries."""
+    now = utcnow()
+    report = await funnel_report(
+        services.engine, period=resolve_period(since, until, now=now), by=by, source=source, now=now
+    )
+    return csv_response("funnel", report.rows, FunnelRow) if wants_csv(format, accept) else report
+
+
+@router.get("/v1/reports/routing", response_model=RoutingReport, responses=ERRORS)
+async def get_routing_report(
+    services: ServicesDep,
+    _: Viewer,
+    since: Since = None,
+    until: Until = None,
+    pool: Annotated[str | None, Query(description="Only this pool's assignments and its leads' handoffs.")] = None,
+    table: Annotated[RoutingTable, Query(description="The table a CSV export carries.")] = "assignments",
+    format: Format = None,
+    accept: Accept = None,
+) -> RoutingReport | Response:
+    """Assignments per owner, pool and queue against the pools' configured shares, and time to CRM delivery."""
+    now = utcnow()
+    report = await routing_report(services.engine, period=resolve_period(since, until, now=now), pool=pool, now=now)
+    return csv_response(f"routing-{table}", *report.table(table)) if wants_csv(format, accept) else report
