@@ -428,6 +428,50 @@ async def test_the_period_is_half_open(env: Env, sender: Sender, trained: Any) -
     assert (sdr(longer), longer["assignments"], handoffs(longer)) == ({"o-1": 3, "o-2": 3, "o-3": 0}, 12, [12, 12])
 
 
+async def test_expected_shares_follow_the_active_rules_and_say_when_they_changed(
+    env: Env, sender: Sender, trained: Any
+) -> None:
+    story = await tell(env, sender, trained)
+    # New rules, approved by another ops identity: o-3 back in the sdr pool, no ae pool any more.
+    spec = ROUTING | {
+        "pools": [{"id": "sdr", "strategy": "round_robin", "members": [{"owner": f"o-{n}"} for n in (1, 2, 3)]}],
+        "rules": [ROUTING["rules"][0], ROUTING["rules"][2]],
+    }
+    body = {"change": {"kind": "routing_rules", "spec": spec}, "reason": "o-3 is back"}
+    proposed = await env.client.post("/v1/change-requests", json=body, headers=env.ops)
+    assert proposed.status_code == 201, proposed.text
+    applied = await env.client.post(f"/v1/change-requests/{proposed.json()['id']}/approve", headers=env.ops2)
+    assert applied.json()["status"] == "applied", applied.text
+
+    report_body = await report(env, **period(story))
+    assert report_body["active_routing_version"] == 2
+    assert report_body["warnings"] == [
+        "pool 'ae' is not in the active routing rules: its expected shares are unknown",
+        "the period's assignments were made by routing rules versions 1; expected shares use the active version 2",
+    ]
+    rows = {(r["pool_id"], r["owner_id"]): r for r in report_body["rows"] if r["kind"] == "pool"}
+    # sdr: 5 assignments, now expected a third each; o-3 got none, so there is no max/min ratio.
+    for owner, n in (("o-1", 3), ("o-2", 2), ("o-3", 0)):
+        row = rows[("sdr", owner)]
+        assert (row["assignments"], row["member_status"]) == (n, "active")
+        assert (row["expected_share"], row["expected_assignments"]) == pytest.approx((1 / 3, 5 / 3))
+    loads = [3 / (5 / 3), 2 / (5 / 3), 0.0]
+    pools = {p["pool_id"]: p for p in report_body["pools"]}
+    assert pools["sdr"]["max_min_ratio"] is None
+    assert pools["sdr"]["coefficient_of_variation"] == pytest.approx(statistics.pstdev(loads) / statistics.fmean(loads))
+    assert pools["sdr"]["excess_assignments"] == pytest.approx((3 - 5 / 3 + 2 - 5 / 3 + 5 / 3) / 2)
+    # ae is history now: its counts stand, with nothing to compare them with.
+    assert [(r["owner_id"], r["assignments"], r["member_status"], r["expected_share"]) for r in rows.values()][3:] == [
+        ("a-1", 3, None, None),
+        ("a-2", 1, None, None),
+    ]
+    assert (pools["ae"]["strategy"], pools["ae"]["excess_assignments"], pools["ae"]["routing_versions"]) == (
+        None,
+        None,
+        [1],
+    )
+
+
 async def test_csv_tables_are_the_json_tables(env: Env, sender: Sender, trained: Any) -> None:
     story = await tell(env, sender, trained)
     body = await report(env, **period(story))
