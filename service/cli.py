@@ -958,5 +958,80 @@ def routing_accounts_remove(kind: str, key: str) -> None:
     _print_json({"kind": kind, "key": key, "removed": True})
 
 
+# --- reports ---------------------------------------------------------------------------------------
+
+
+def _report_time(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return _utc(dt.datetime.fromisoformat(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+
+
+_since = click.option(
+    "--since", callback=_report_time, help="Start, inclusive (ISO 8601; UTC without an offset; default 30 days ago)."
+)
+_until = click.option("--until", callback=_report_time, help="End, exclusive (ISO 8601; default now).")
+_format = click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+
+
+@main.group()
+def reports() -> None:
+    """Reports, as the HTTP API's `/v1/reports/...`: JSON, or the rows as CSV (`--format csv`)."""
+
+
+@reports.command("funnel")
+@_since
+@_until
+@click.option(
+    "--by", type=click.Choice(["source", "policy"]), default=None, help="Break down by first source or policy."
+)
+@click.option("--source", default=None, help="Only leads whose first event came from this source.")
+@_format
+def reports_funnel(since: dt.datetime | None, until: dt.datetime | None, by: Any, source: str | None, fmt: str) -> None:
+    """Leads per lifecycle stage: the period's new leads, how far they got, and stage entries."""
+    from service.reports.common import csv_text, resolve_period
+    from service.reports.funnel import FunnelRow, funnel_report
+
+    now = _now()
+    report = _with_engine(
+        lambda e: funnel_report(e, period=resolve_period(since, until, now=now), by=by, source=source, now=now)
+    )
+    if fmt == "csv":
+        click.echo(csv_text(report.rows, list(FunnelRow.model_fields)), nl=False)
+    else:
+        _print_json(report.model_dump(mode="json"))
+
+
+@reports.command("routing")
+@_since
+@_until
+@click.option("--pool", default=None, help="Only this pool's assignments and its leads' handoffs.")
+@click.option(
+    "--table",
+    type=click.Choice(["assignments", "pools", "owners", "deliveries"]),
+    default="assignments",
+    show_default=True,
+    help="The table a CSV export carries.",
+)
+@_format
+def reports_routing(
+    since: dt.datetime | None, until: dt.datetime | None, pool: str | None, table: Any, fmt: str
+) -> None:
+    """Assignments per owner, pool and queue against the pools' shares, and time to CRM delivery."""
+    from service.reports.common import csv_text, resolve_period
+    from service.reports.routing import routing_report
+
+    now = _now()
+    report = _with_engine(lambda e: routing_report(e, period=resolve_period(since, until, now=now), pool=pool, now=now))
+    if fmt == "csv":
+        rows, model = report.table(table)
+        click.echo(csv_text(rows, list(model.model_fields)), nl=False)
+    else:
+        _print_json(report.model_dump(mode="json"))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

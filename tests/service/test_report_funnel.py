@@ -3,16 +3,20 @@ against counts this test derives from what it did, not from the report's queries
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import io
+import json
 import statistics
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from service.cli import main
 from service.db import create_engine
 from service.settings import Settings
 from service.sources import add_source
@@ -307,3 +311,58 @@ async def test_readers_need_a_viewer_credential(
     async for client in oidc_client(oidc_settings(settings, idp.url)):
         roleless = await client.get(ROUTE, headers={"authorization": f"Bearer {idp.token(roles=['sales'])}"})
         assert (roleless.status_code, roleless.json()["error"]) == (403, "Forbidden")
+
+
+def test_the_cli_prints_the_same_report(settings: Settings, trained: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def build() -> tuple[dict[str, str], dict[str, Any], str, dict[str, Any]]:
+        engine = create_engine(settings.database_url)
+        try:
+            now = dt.datetime.now(dt.UTC)
+            senders = [
+                Sender(created.name, created.secret)
+                for created in [
+                    await add_source(engine, name=name, scheme="standard", now=now) for name in ("demo", "other")
+                ]
+            ]
+        finally:
+            await engine.dispose()
+        async with open_env(settings, trained) as env:
+            story = await tell(env, *senders, trained)
+            params = {"since": iso(story.since), "until": iso(story.until), "by": "policy"}
+            body = await report(env, **params)
+            csv_body = await env.client.get(ROUTE, params={**params, "format": "csv"}, headers=env.viewer)
+            routing = await env.client.get(
+                "/v1/reports/routing", params={"since": params["since"], "until": params["until"]}, headers=env.viewer
+            )
+            return params, body, csv_body.text, routing.json()
+
+    params, body, csv_body, routing = asyncio.run(build())
+    monkeypatch.setenv("LEADSCORE_DATABASE_URL", settings.database_url)
+    args = ["reports", "funnel", "--since", params["since"], "--until", params["until"], "--by", "policy"]
+    printed = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert printed.exit_code == 0, printed.output
+    from_cli = json.loads(printed.stdout)
+    assert {k: v for k, v in from_cli.items() if k != "generated_at"} == {
+        k: v for k, v in body.items() if k != "generated_at"
+    }
+    as_csv = CliRunner().invoke(main, [*args, "--format", "csv"], catch_exceptions=False)
+    assert as_csv.exit_code == 0, as_csv.output
+    assert list(csv.reader(io.StringIO(as_csv.stdout))) == list(csv.reader(io.StringIO(csv_body)))
+
+    # The routing report's command too (no routing rules here: an empty report that says so).
+    args = ["reports", "routing", "--since", params["since"], "--until", params["until"]]
+    printed = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert printed.exit_code == 0, printed.output
+    from_cli = json.loads(printed.stdout)
+    assert (
+        from_cli["warnings"]
+        == routing["warnings"]
+        == ["no routing rules version is active: expected shares are unknown"]
+    )
+    assert {k: v for k, v in from_cli.items() if k != "generated_at"} == {
+        k: v for k, v in routing.items() if k != "generated_at"
+    }
+
+    refused = CliRunner().invoke(main, ["reports", "funnel", "--since", "2026-11-02", "--until", "2026-11-01"])
+    assert refused.exit_code != 0
+    assert "InvalidReportPeriod" in refused.output
