@@ -213,7 +213,7 @@ async def funnel_report(
             groups[_group_of(path, by)].append(path)
         policies = [int(g.removeprefix("policy:")) for g in groups if g.startswith("policy:")]
         names = await repo.policy_names(conn, policies)
-    keys = sorted(groups) if groups else [ALL] if by is None else []
+    keys = sorted(groups) or ([ALL] if by is None else [])  # no breakdown: the stages, even with zeros
     rows = [row for key in keys for row in _rows(key, groups.get(key, []), period)]
     return FunnelReport(
         period=period,
