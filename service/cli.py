@@ -1090,5 +1090,141 @@ def routing_accounts_remove(kind: str, key: str) -> None:
     _print_json({"kind": kind, "key": key, "removed": True})
 
 
+# --- reports ---------------------------------------------------------------------------------------
+
+
+def _report_time(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return _utc(dt.datetime.fromisoformat(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+
+
+_since = click.option(
+    "--since", callback=_report_time, help="Start, inclusive (ISO 8601; UTC without an offset; default 30 days ago)."
+)
+_until = click.option("--until", callback=_report_time, help="End, exclusive (ISO 8601; default now).")
+_format = click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
+
+
+@main.group()
+def reports() -> None:
+    """Reports, as the HTTP API's `/v1/reports/...`: JSON, or the rows as CSV (`--format csv`)."""
+
+
+@reports.command("funnel")
+@_since
+@_until
+@click.option(
+    "--by", type=click.Choice(["source", "policy"]), default=None, help="Break down by first source or policy."
+)
+@click.option("--source", default=None, help="Only leads whose first event came from this source.")
+@_format
+def reports_funnel(since: dt.datetime | None, until: dt.datetime | None, by: Any, source: str | None, fmt: str) -> None:
+    """Leads per lifecycle stage: the period's new leads, how far they got, and stage entries."""
+    from service.reports.common import csv_text, resolve_period
+    from service.reports.funnel import FunnelRow, funnel_report
+
+    now = _now()
+    report = _with_engine(
+        lambda e: funnel_report(e, period=resolve_period(since, until, now=now), by=by, source=source, now=now)
+    )
+    if fmt == "csv":
+        click.echo(csv_text(report.rows, list(FunnelRow.model_fields)), nl=False)
+    else:
+        _print_json(report.model_dump(mode="json"))
+
+
+@reports.command("routing")
+@_since
+@_until
+@click.option("--pool", default=None, help="Only this pool's assignments and its leads' handoffs.")
+@click.option(
+    "--table",
+    type=click.Choice(["assignments", "pools", "owners", "deliveries"]),
+    default="assignments",
+    show_default=True,
+    help="The table a CSV export carries.",
+)
+@_format
+def reports_routing(
+    since: dt.datetime | None, until: dt.datetime | None, pool: str | None, table: Any, fmt: str
+) -> None:
+    """Assignments per owner, pool and queue against the pools' shares, and time to CRM delivery."""
+    from service.reports.common import csv_text, resolve_period
+    from service.reports.routing import routing_report
+
+    now = _now()
+    report = _with_engine(lambda e: routing_report(e, period=resolve_period(since, until, now=now), pool=pool, now=now))
+    if fmt == "csv":
+        rows, model = report.table(table)
+        click.echo(csv_text(rows, list(model.model_fields)), nl=False)
+    else:
+        _print_json(report.model_dump(mode="json"))
+
+
+@reports.command("score-bands")
+@_since
+@_until
+@click.option("--pipeline", type=int, default=None, help="A pipeline version (default: the active one).")
+@click.option("--bands", default=None, help="Band edges from 0 to 100, comma-separated (default 0,20,40,60,80,100).")
+@click.option("--band-width", type=float, default=None, help="Bands of this many points instead of --bands.")
+@_format
+def reports_score_bands(
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    pipeline: int | None,
+    bands: str | None,
+    band_width: float | None,
+    fmt: str,
+) -> None:
+    """Conversion rate per score band and per grade, with a monotonicity check."""
+    from service.reports.common import csv_text, resolve_period
+    from service.reports.scores import ScoreBandRow, score_bands_report
+
+    now = _now()
+    report = _with_engine(
+        lambda e: score_bands_report(
+            e, period=resolve_period(since, until, now=now), pipeline=pipeline, bands=bands, band_width=band_width
+        )
+    )
+    if fmt == "csv":
+        click.echo(csv_text(report.rows, list(ScoreBandRow.model_fields)), nl=False)
+    else:
+        _print_json(report.model_dump(mode="json"))
+
+
+@reports.command("model")
+@_since
+@_until
+@click.option("--pipeline", type=int, default=None, help="A pipeline version (default: the active one).")
+@_format
+def reports_model(since: dt.datetime | None, until: dt.datetime | None, pipeline: int | None, fmt: str) -> None:
+    """ROC-AUC, Brier, log loss and calibration on outcomes since activation (or in the period), with drift warnings."""
+    from service.reports.common import csv_text, resolve_period
+    from service.reports.scores import CalibrationRow, model_report
+
+    now = _now()
+    settings = Settings()
+    report = _with_engine(
+        lambda e: model_report(
+            e,
+            # Without a period: the outcomes since the version was last made active.
+            period=resolve_period(since, until, now=now) if since or until else None,
+            pipeline=pipeline,
+            min_outcomes=settings.report_model_min_outcomes,
+            roc_auc_tolerance=settings.report_drift_roc_auc_tolerance,
+            brier_tolerance=settings.report_drift_brier_tolerance,
+            now=now,
+        )
+    )
+    if fmt == "csv":
+        click.echo(csv_text(report.rows, list(CalibrationRow.model_fields)), nl=False)
+    else:
+        _print_json(report.model_dump(mode="json"))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

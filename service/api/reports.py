@@ -15,6 +15,8 @@ from starlette.responses import Response
 from service.api.deps import ServicesDep, Viewer, utcnow
 from service.events import ErrorBody
 from service.reports.common import csv_text, resolve_period
+from service.reports.funnel import FunnelReport, FunnelRow, funnel_report
+from service.reports.routing import RoutingReport, RoutingTable, routing_report
 from service.reports.scores import (
     CalibrationRow,
     ModelReport,
@@ -125,3 +127,47 @@ async def get_model_report(
         now=now,
     )
     return csv_response("model", report.rows, CalibrationRow) if wants_csv(format, accept) else report
+
+
+# --- funnel and routing balance (service.reports.funnel, service.reports.routing) -------------------------
+
+By = Annotated[
+    Literal["source", "policy"] | None,
+    Query(description="Break the funnel down by the lead's first source, or by the policy version that qualified it."),
+]
+
+
+@router.get("/v1/reports/funnel", response_model=FunnelReport, responses=ERRORS)
+async def get_funnel_report(
+    services: ServicesDep,
+    _: Viewer,
+    since: Since = None,
+    until: Until = None,
+    by: By = None,
+    source: Annotated[str | None, Query(description="Only leads whose first event came from this source.")] = None,
+    format: Format = None,
+    accept: Accept = None,
+) -> FunnelReport | Response:
+    """Leads per lifecycle stage: how far the period's new leads got, conversion between stages, and stage entries."""
+    now = utcnow()
+    report = await funnel_report(
+        services.engine, period=resolve_period(since, until, now=now), by=by, source=source, now=now
+    )
+    return csv_response("funnel", report.rows, FunnelRow) if wants_csv(format, accept) else report
+
+
+@router.get("/v1/reports/routing", response_model=RoutingReport, responses=ERRORS)
+async def get_routing_report(
+    services: ServicesDep,
+    _: Viewer,
+    since: Since = None,
+    until: Until = None,
+    pool: Annotated[str | None, Query(description="Only this pool's assignments and its leads' handoffs.")] = None,
+    table: Annotated[RoutingTable, Query(description="The table a CSV export carries.")] = "assignments",
+    format: Format = None,
+    accept: Accept = None,
+) -> RoutingReport | Response:
+    """Assignments per owner, pool and queue against the pools' configured shares, and time to CRM delivery."""
+    now = utcnow()
+    report = await routing_report(services.engine, period=resolve_period(since, until, now=now), pool=pool, now=now)
+    return csv_response(f"routing-{table}", *report.table(table)) if wants_csv(format, accept) else report

@@ -4,9 +4,11 @@ pairwise ROC-AUC, Brier and log loss by their formulas."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import io
+import json
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -15,11 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from fastapi import FastAPI
 
 from service.app import create_app
 from service.auth import SYSTEM, create_key
 from service.change_requests import bootstrap_pipeline
+from service.cli import main
 from service.db import create_engine, write_transaction
 from service.outcomes import OutcomeReport, record_outcomes
 from service.pipelines import assign_slot
@@ -595,3 +599,34 @@ async def test_no_active_version_is_409(client: httpx.AsyncClient, settings: Set
     for url in (BANDS, MODEL):
         response = await client.get(url, headers={"authorization": f"Bearer {key}"})
         assert (response.status_code, response.json()["error"]) == (409, "NoActivePipeline")
+
+
+async def test_the_cli_prints_the_same_reports(env: Env, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    leads = await ingest(env, "cli", varied_traits(30))
+    for lead in leads[::2]:
+        await record(env, (lead, "won"))
+    for lead in leads[1::2]:
+        await record(env, (lead, "lost"))
+    monkeypatch.setenv("LEADSCORE_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("LEADSCORE_REPORT_MODEL_MIN_OUTCOMES", str(MIN_OUTCOMES))
+
+    async def cli(*args: str) -> str:
+        # The command runs its own event loop: keep it off this test's.
+        printed = await asyncio.to_thread(CliRunner().invoke, main, ["reports", *args], catch_exceptions=False)
+        assert printed.exit_code == 0, printed.output
+        return printed.stdout
+
+    def same(printed: dict[str, Any], served: dict[str, Any]) -> None:
+        assert {k: v for k, v in printed.items() if k not in ("generated_at", "period")} == {
+            k: v for k, v in served.items() if k not in ("generated_at", "period")
+        }
+
+    same(json.loads(await cli("score-bands", "--bands", "0,50,100")), await env.get(BANDS, bands="0,50,100"))
+    assert list(csv.DictReader(io.StringIO(await cli("score-bands", "--format", "csv")))) == await env.csv_rows(BANDS)
+    model = json.loads(await cli("model"))
+    assert model["status"] != "insufficient_data"
+    same(model, await env.get(MODEL))
+    assert list(csv.DictReader(io.StringIO(await cli("model", "--format", "csv")))) == await env.csv_rows(MODEL)
+    refused = await asyncio.to_thread(CliRunner().invoke, main, ["reports", "score-bands", "--bands", "0,200"])
+    assert refused.exit_code == 1
+    assert "InvalidReportBands" in refused.output
