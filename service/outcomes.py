@@ -98,8 +98,14 @@ async def record_outcomes(
     lead; a merged lead's outcome is recorded on the lead it was merged into. The results are in the
     order of `outcomes`."""
     results: dict[int, RecordedOutcome] = {}
+    # Lock the leads first, in id order (ingest locks leads in id order too): an ingest merging one
+    # of them concurrently either commits first (and the lock read follows the merge) or waits and
+    # then moves the outcome with the lead's other rows. Unlocked, an outcome inserted while a merge
+    # ran would stay on the merged lead, where reports and training labels never look.
+    for lead_id in sorted({report.lead_id for report in outcomes}):
+        await leads_repo.get_live_lead(conn, lead_id, lock=True)
     for index, report in sorted(enumerate(outcomes), key=lambda pair: pair[1].occurred_at):
-        live = await leads_repo.get_live_lead(conn, report.lead_id)
+        live = await leads_repo.get_live_lead(conn, report.lead_id, lock=True)
         if live is None:
             raise LeadNotFound(f"no lead {report.lead_id}")
         row = {

@@ -1,6 +1,6 @@
 """HubSpot enrichment: a source's API token, and the fetch jobs and their attempts.
 
-Revision ID: 0009_enrichment
+Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-30 00:56:53+00:00
 """
@@ -14,7 +14,7 @@ from alembic import op
 
 import models.types
 
-revision: str = '0009_enrichment'
+revision: str = '0009'
 down_revision: str | None = '0008'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -12,10 +12,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service.repositories.tables import inbound_event, lead, lead_identity, source
 
 
-async def get_live_lead(conn: AsyncConnection, lead_id: uuid.UUID) -> dict[str, Any] | None:
-    """The lead, or the lead it was merged into (followed to the survivor)."""
+async def get_live_lead(conn: AsyncConnection, lead_id: uuid.UUID, *, lock: bool = False) -> dict[str, Any] | None:
+    """The lead, or the lead it was merged into (followed to the survivor). With `lock`, each row
+    read is locked for the transaction (PostgreSQL; SQLite writers are serialised anyway), so a
+    merge cannot move the lead's rows from under the caller: one that committed meanwhile is seen
+    (the locked read returns the row's latest version) and followed."""
+    query = sa.select(lead).where(lead.c.id == sa.bindparam("lead_id"))
+    if lock:
+        query = query.with_for_update()
     for _ in range(100):
-        row = (await conn.execute(sa.select(lead).where(lead.c.id == lead_id))).one_or_none()
+        row = (await conn.execute(query, {"lead_id": lead_id})).one_or_none()
         if row is None:
             return None
         if row.merged_into_id is None:

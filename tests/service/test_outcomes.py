@@ -3,6 +3,7 @@ the threshold recommendation."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,8 @@ import pytest
 
 from service.db import write_transaction
 from service.errors import LeadNotFound
+from service.events import LeadEvent
+from service.ingest import IngestJob, event_keys, write_batch
 from service.outcomes import OutcomeReport, RecordedOutcome, record_outcomes
 from service.settings import Settings
 from tests.conftest import Db, Sender, lead_event
@@ -116,3 +119,47 @@ async def test_recommendation_from_outcomes(env: Env, sender: Sender, trained: A
     assert (both.status_code, both.json()["error"]) == (422, "InvalidRecommendationRequest")
     assert (await env.client.get(url, params={"target_precision": 2}, headers=env.viewer)).status_code == 422
     assert (await env.client.get(url, params={"target_precision": 0.5})).status_code == 401
+
+
+async def test_an_outcome_recorded_while_its_lead_is_merged_lands_on_the_survivor(
+    env: Env, sender: Sender, db: Db
+) -> None:
+    survivor = (await sender.post(env.client, lead_event(email="race@acme.io", traits=GOOD))).json()["lead_id"]
+    merged = (
+        await sender.post(
+            env.client, lead_event(email=None, subject={"external_ids": {"hubspot": "race"}}, traits=GOOD)
+        )
+    ).json()["lead_id"]
+    engine = env.app.state.services.engine
+    source_id = await db.scalar("SELECT id FROM source WHERE name = :name", name=sender.source)
+    event = LeadEvent.model_validate(
+        lead_event(id="race-both", email="race@acme.io", subject={"external_ids": {"hubspot": "race"}}, traits=GOOD)
+    )
+    job = IngestJob(
+        source_id=source_id,
+        webhook_id=None,
+        content_type="application/json",
+        body=b"{}",
+        events=[event],
+        event_keys=event_keys([event], None),
+        received_at=now(),
+    )
+    if engine.dialect.name == "postgresql":
+        # The merge holds its locks, uncommitted, while the CRM reports on the lead it merges away:
+        # the outcome waits for the merge and then follows it.
+        async with engine.connect() as merging:
+            transaction = await merging.begin()
+            await write_batch(merging, [job], now())
+            reporting = asyncio.create_task(record(env, (merged, "won", "race-won")))
+            await asyncio.sleep(0.5)
+            assert not reporting.done()
+            await transaction.commit()
+            [recorded] = await reporting
+    else:
+        # SQLite runs one writer at a time: the merge commits first, then the outcome follows it.
+        async with write_transaction(engine) as conn:
+            await write_batch(conn, [job], now())
+        [recorded] = await record(env, (merged, "won", "race-won"))
+    assert str(recorded.lead_id) == survivor
+    assert await db.scalar("SELECT count(*) FROM lead WHERE merged_into_id IS NOT NULL") == 1
+    assert [str(uuid.UUID(str(row.lead_id))) for row in await db.rows("SELECT lead_id FROM outcome")] == [survivor]
