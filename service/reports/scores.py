@@ -22,6 +22,7 @@ What the figures count (the README's "Reports" section says the same):
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -306,9 +307,10 @@ async def model_report(
             f"{negatives} lost); at least {min_outcomes}, with both kinds, are needed"
         )
         return report
-    figures = classification_metrics(labels, probabilities)
+    # sklearn over every labelled lead is CPU for a while: off the event loop that answers webhooks.
+    figures, table = await asyncio.to_thread(_evaluate, labels, probabilities)
     report.figures = ModelFigures(**figures)
-    report.rows = _calibration_rows(calibration_table(labels, probabilities, bins=CALIBRATION_BINS), metrics)
+    report.rows = _calibration_rows(table, metrics)
     if training is None:
         report.warnings.append("the version's training recorded no hold-out figures: drift is not checked")
     report.drift = [
@@ -324,6 +326,12 @@ async def model_report(
     ]
     report.status = "drift" if report.drift else "ok"
     return report
+
+
+def _evaluate(labels: list[int], probabilities: list[float]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    return classification_metrics(labels, probabilities), calibration_table(
+        labels, probabilities, bins=CALIBRATION_BINS
+    )
 
 
 def _calibration_rows(table: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]) -> list[CalibrationRow]:
