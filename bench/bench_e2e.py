@@ -13,7 +13,7 @@ yields one delivery; the others update or add page views to a pool of leads that
 line. For each qualifying event: the time from the start of its POST to the peer's receipt of the
 delivery carrying its lead's email, and that time in three parts by the stamps the service
 writes: to the start of the event's group-commit batch, from there until a worker starts sending
-(commit, the worker's poll interval, the claim), and the send. Prints each run (achieved send
+(commit, the worker's wake-up or poll, the claim), and the send. Prints each run (achieved send
 rate, webhook answer latency, the end-to-end figures, qualifying events never delivered, CPU per
 event of the API processes), then medians and spread (min-max) across runs.
 
@@ -96,7 +96,7 @@ class RunResult:
     e2e_s: list[float] = field(default_factory=list)
     # The end-to-end time in three parts, by the stamps the service writes (same machine, same clock):
     to_batch_s: list[float] = field(default_factory=list)  # POST start -> its group commit batch begins
-    outbox_s: list[float] = field(default_factory=list)  # batch begins -> a worker starts sending (commit, poll, claim)
+    outbox_s: list[float] = field(default_factory=list)  # batch begins -> a worker sends (commit, wake-up, claim)
     send_s: list[float] = field(default_factory=list)  # the worker starts sending -> the peer has read it
     undelivered: int = 0
     other_deliveries: int = 0
@@ -104,7 +104,7 @@ class RunResult:
 
 def make_events(run: int, count: int, qualifying: float, people: int, seed: int) -> list[Event]:
     """`count` events: a `qualifying` share each a new lead with the GOOD profile (it enters MQL), the
-    rest lead updates (POOR profile) and page views of `people` existing leads (they stay leads)."""
+    rest lead updates (POOR profile) and page views of `people` other leads (they stay leads)."""
     rng = random.Random(seed)
     now = dt.datetime.now(dt.UTC).isoformat()
     events = []
