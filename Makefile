@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench-ingest bench-scoring bench-delivery clean
+.PHONY: install run test lint bench-ingest bench-scoring bench-delivery bench-e2e clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Leadscore needs Python 3.11, found " + sys.version'
@@ -36,6 +36,9 @@ bench-scoring: install
 
 bench-delivery: install
 	$(BIN)/python bench/bench_delivery.py
+
+bench-e2e: install
+	$(BIN)/python bench/bench_e2e.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

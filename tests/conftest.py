@@ -254,8 +254,9 @@ class Trained:
         return LeadProfile(traits=traits)
 
 
-@pytest.fixture(scope="session")
-def trained() -> Trained:
+def train_demo() -> Trained:
+    """Train the X Education demo pipeline on its data (a few seconds); the `trained` fixture and the
+    end-to-end benchmark (`bench/bench_e2e.py`) use it."""
     from scoring.pipeline import compile_pipeline
     from scoring.training import train_pipeline
     from service.pipelines import parse_spec, read_training_csv
@@ -266,6 +267,11 @@ def trained() -> Trained:
     return Trained(
         spec_dict=spec.model_dump(mode="json"), result=result, compiled=compile_pipeline(spec, result.artifact)
     )
+
+
+@pytest.fixture(scope="session")
+def trained() -> Trained:
+    return train_demo()
 
 
 @pytest.fixture(scope="session")

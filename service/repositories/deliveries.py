@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.ids import uuid7
 from service.repositories import claims
 from service.repositories.claims import WAITING
-from service.repositories.ingest import bulk_insert
+from service.repositories.ingest import bulk_insert, driver
 from service.repositories.tables import delivery, delivery_attempt
 
 # Delivery ids are derived from the idempotency key, so an enqueue repeated with the same key (which
 # inserts nothing) still answers the id of the row that holds it.
 _ID_NAMESPACE = uuid.UUID("6f1c1d9e-4a53-4c55-9d51-0c8f3b7f0a11")
+# PostgreSQL: a transaction that enqueued deliveries notifies this channel; it reaches the listening
+# workers when (and only if) the transaction commits.
+OUTBOX_CHANNEL = "leadscore_outbox"
 ERROR_CHARS = 1000
 
 
@@ -68,7 +73,38 @@ async def enqueue_deliveries(
     if rows:
         await _begin(conn)
         await bulk_insert(conn, delivery, rows, ignore_conflicts=True)
+        if conn.dialect.name == "postgresql":
+            await (await driver(conn)).execute(f"NOTIFY {OUTBOX_CHANNEL}")
     return ids
+
+
+@contextlib.asynccontextmanager
+async def outbox_notifications(engine: AsyncEngine, notified: Callable[[], None]) -> AsyncIterator[asyncio.Event]:
+    """PostgreSQL: hold a connection listening on `OUTBOX_CHANNEL`, calling `notified` after each
+    commit that enqueued deliveries. Yields an event set if the connection is lost (the listening
+    then stops: leave the block and enter it again)."""
+    lost = asyncio.Event()
+
+    def on_notify(*_: Any) -> None:
+        notified()
+
+    def on_lost(*_: Any) -> None:
+        lost.set()
+
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        if raw is None:
+            raise RuntimeError("no driver connection to listen on")
+        raw.add_termination_listener(on_lost)
+        await raw.add_listener(OUTBOX_CHANNEL, on_notify)
+        try:
+            yield lost
+        finally:
+            raw.remove_termination_listener(on_lost)
+            if raw.is_closed():
+                await conn.invalidate()  # not back to the pool
+            else:
+                await raw.remove_listener(OUTBOX_CHANNEL, on_notify)
 
 
 async def _begin(conn: AsyncConnection) -> None:

@@ -1,9 +1,16 @@
-"""Shared by the end-to-end tests: a database handle for the test's own reads, bounded waits, and
-`leadscore worker` processes."""
+"""Shared by the end-to-end tests and the end-to-end benchmark (`bench/bench_e2e.py`): a database
+handle for the test's own reads, bounded waits, the whole pipeline set up on a database (demo
+pipeline, MQL policy, round-robin routing, a signed source), the environment of processes
+delivering to the CRM peer, signed webhook headers, and `leadscore serve` / `leadscore worker`
+processes."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime as dt
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,11 +19,90 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
+from standardwebhooks import Webhook
 
-from service.db import create_engine
+from service.auth import SYSTEM
+from service.change_requests import bootstrap_routing
+from service.change_schemas import RoutingRulesChange
+from service.db import create_engine, write_transaction
+from service.repositories import qualification as qualification_repo
+from service.settings import Settings
+from service.sources import add_source
+from tests.peers.process import free_port
+from tests.service.test_scoring_service import GOOD, POOR, register
 
 BIN = Path(sys.executable).parent
+OWNERS = ["rep-a", "rep-b", "rep-c"]
+CRM_SECRET = "whsec_" + base64.b64encode(b"end-to-end pipeline signing key!").decode()
+ROUTING = {
+    "spec_version": 1,
+    "name": "e2e",
+    "account_match": {"enabled": False},
+    "pools": [{"id": "reps", "strategy": "round_robin", "members": [{"owner": o} for o in OWNERS]}],
+    "rules": [{"id": "mql", "when": {"field": "stage", "op": "eq", "value": "mql"}, "target": {"pool": "reps"}}],
+    "fallback": {"queue": "nobody"},
+}
+
+
+def set_up(db_url: str, trained: Any) -> str:
+    """Pipeline, policy (MQL halfway between the `GOOD` and the `POOR` profile) and routing active; a
+    signed source. Returns the source's secret."""
+    settings = Settings(database_url=db_url, _env_file=None)  # type: ignore[call-arg]
+    now = dt.datetime.now(dt.UTC)
+    good, poor = (trained.compiled.score(trained.profile(t), now=now).value for t in (GOOD, POOR))
+    line = {"field": "score", "op": "gte", "value": (good + poor) / 2}
+
+    async def go() -> str:
+        await register(settings, trained)
+        engine = create_engine(db_url)
+        try:
+            async with write_transaction(engine) as conn:
+                spec = {"name": "e2e", "default": {"mql": line}}
+                policy_id = await qualification_repo.insert_policy(
+                    conn, name="e2e", spec=spec, change_request_id=None, created_by="test", now=now
+                )
+                await qualification_repo.set_active_policy(conn, policy_id=policy_id, actor="test", now=now)
+            await bootstrap_routing(
+                engine,
+                RoutingRulesChange(kind="routing_rules", spec=ROUTING),
+                principal=SYSTEM,
+                reason="first rules",
+                now=now,
+            )
+            return (await add_source(engine, name="map", scheme="standard", now=now)).secret
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def delivery_env(db_url: str, workdir: Path, crm_url: str) -> dict[str, str]:
+    """The environment of `leadscore serve` and `leadscore worker` processes on `db_url`: handoffs
+    go to the CRM peer at `crm_url` as signed webhooks, delivered by separate worker processes."""
+    return os.environ | {
+        "LEADSCORE_DATABASE_URL": db_url,
+        "LEADSCORE_VAR_DIR": str(workdir / "var"),
+        "LEADSCORE_SOURCE_CACHE_SECONDS": "0",
+        "LEADSCORE_DELIVERY_IN_PROCESS": "false",
+        "LEADSCORE_DELIVERY_DESTINATIONS": json.dumps(
+            [{"name": "crm", "kind": "webhook", "url": f"{crm_url}/hooks/leads", "secret_env": "CRM_HOOK_SECRET"}]
+        ),
+        "CRM_HOOK_SECRET": CRM_SECRET,
+        "LEADSCORE_LOG_LEVEL": "WARNING",
+    }
+
+
+def signed_headers(signer: Webhook, msg_id: str, body: str) -> dict[str, str]:
+    """Standard Webhooks headers for `body`, signed now."""
+    now = dt.datetime.now(dt.UTC)
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": signer.sign(msg_id, now, body),
+    }
 
 
 class Database:
@@ -84,3 +170,34 @@ class Workers:
                 proc.kill()
                 codes.append(proc.wait(timeout=10))
         return codes
+
+
+class Server:
+    """`leadscore serve` with `workers` uvicorn processes."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, workers: int) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "serve.log"
+        env = env | {"LEADSCORE_PORT": str(self.port), "LEADSCORE_WORKERS": str(workers)}
+        log = self.log_path.open("w")
+        self.proc = subprocess.Popen([BIN / "leadscore", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return self.proc.poll() is not None
+
+        wait_until("the server", ready, timeout=120, logs=[self.log_path])
+        assert self.proc.poll() is None, self.log_path.read_text()
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -7,13 +7,9 @@ as delivered exactly once, and the round robin stays exact across the processes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
-import datetime as dt
 import json
-import os
 import signal
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -26,63 +22,14 @@ import pytest
 import sqlalchemy as sa
 from standardwebhooks import Webhook
 
-from service.auth import SYSTEM
-from service.change_requests import bootstrap_routing
-from service.change_schemas import RoutingRulesChange
-from service.db import create_engine, write_transaction
-from service.repositories import qualification as qualification_repo
-from service.settings import Settings
-from service.sources import add_source
 from tests.conftest import lead_event
-from tests.e2e.support import BIN, Database, Workers, wait_until
-from tests.peers.process import CrmPeer, free_port
-from tests.service.test_scoring_service import GOOD, POOR, register
+from tests.e2e.support import OWNERS, Database, Server, Workers, delivery_env, set_up, signed_headers, wait_until
+from tests.peers.process import CrmPeer
+from tests.service.test_scoring_service import GOOD, POOR
 
 pytestmark = pytest.mark.e2e
 
 EVENTS = 1000
-OWNERS = ["rep-a", "rep-b", "rep-c"]
-CRM_SECRET = "whsec_" + base64.b64encode(b"end-to-end pipeline signing key!").decode()
-ROUTING = {
-    "spec_version": 1,
-    "name": "e2e",
-    "account_match": {"enabled": False},
-    "pools": [{"id": "reps", "strategy": "round_robin", "members": [{"owner": o} for o in OWNERS]}],
-    "rules": [{"id": "mql", "when": {"field": "stage", "op": "eq", "value": "mql"}, "target": {"pool": "reps"}}],
-    "fallback": {"queue": "nobody"},
-}
-
-
-def set_up(db_url: str, trained: Any) -> str:
-    """Pipeline, policy (MQL halfway between the good and the poor profile) and routing active; a
-    signed source. Returns the source's secret."""
-    settings = Settings(database_url=db_url, _env_file=None)  # type: ignore[call-arg]
-    now = dt.datetime.now(dt.UTC)
-    good, poor = (trained.compiled.score(trained.profile(t), now=now).value for t in (GOOD, POOR))
-    line = {"field": "score", "op": "gte", "value": (good + poor) / 2}
-
-    async def go() -> str:
-        await register(settings, trained)
-        engine = create_engine(db_url)
-        try:
-            async with write_transaction(engine) as conn:
-                spec = {"name": "e2e", "default": {"mql": line}}
-                policy_id = await qualification_repo.insert_policy(
-                    conn, name="e2e", spec=spec, change_request_id=None, created_by="test", now=now
-                )
-                await qualification_repo.set_active_policy(conn, policy_id=policy_id, actor="test", now=now)
-            await bootstrap_routing(
-                engine,
-                RoutingRulesChange(kind="routing_rules", spec=ROUTING),
-                principal=SYSTEM,
-                reason="first rules",
-                now=now,
-            )
-            return (await add_source(engine, name="map", scheme="standard", now=now)).secret
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(go())
 
 
 def send_events(base: str, secret: str) -> list[dict[str, Any]]:
@@ -97,13 +44,7 @@ def send_events(base: str, secret: str) -> list[dict[str, Any]]:
                 body = json.dumps(
                     lead_event(id=f"e{i}", email=f"lead{i}@company{i}.io", traits=GOOD if i % 2 else POOR)
                 )
-                now = dt.datetime.now(dt.UTC)
-                headers = {
-                    "content-type": "application/json",
-                    "webhook-id": f"msg-{i}",
-                    "webhook-timestamp": str(int(now.timestamp())),
-                    "webhook-signature": signer.sign(f"msg-{i}", now, body),
-                }
+                headers = signed_headers(signer, f"msg-{i}", body)
                 async with gate:
                     response = await client.post("/v1/webhooks/map", content=body, headers=headers)
                 assert response.status_code == 202, response.text
@@ -113,35 +54,6 @@ def send_events(base: str, secret: str) -> list[dict[str, Any]]:
             return await asyncio.gather(*(one(i) for i in range(EVENTS)))
 
     return asyncio.run(go())
-
-
-class Server:
-    def __init__(self, env: dict[str, str], workdir: Path, workers: int) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "serve.log"
-        env = env | {"LEADSCORE_PORT": str(self.port), "LEADSCORE_WORKERS": str(workers)}
-        log = self.log_path.open("w")
-        self.proc = subprocess.Popen([BIN / "leadscore", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-    def wait_ready(self) -> None:
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return self.proc.poll() is not None
-
-        wait_until("the server", ready, timeout=120, logs=[self.log_path])
-        assert self.proc.poll() is None, self.log_path.read_text()
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 async def workers_seen(engine: Any) -> int:
@@ -165,15 +77,7 @@ def test_signed_events_become_exactly_routed_crm_handoffs_through_failures(
     secret = set_up(db_url, trained)
     peer = CrmPeer(tmp_path)
     peer.start()
-    env = os.environ | {
-        "LEADSCORE_DATABASE_URL": db_url,
-        "LEADSCORE_VAR_DIR": str(tmp_path / "var"),
-        "LEADSCORE_SOURCE_CACHE_SECONDS": "0",
-        "LEADSCORE_DELIVERY_IN_PROCESS": "false",
-        "LEADSCORE_DELIVERY_DESTINATIONS": json.dumps(
-            [{"name": "crm", "kind": "webhook", "url": f"{peer.url}/hooks/leads", "secret_env": "CRM_HOOK_SECRET"}]
-        ),
-        "CRM_HOOK_SECRET": CRM_SECRET,
+    env = delivery_env(db_url, tmp_path, peer.url) | {
         "LEADSCORE_DELIVERY_POLL_SECONDS": "0.05",
         "LEADSCORE_DELIVERY_TIMEOUT_SECONDS": "0.5",
         "LEADSCORE_DELIVERY_LEASE_SECONDS": "2",
@@ -183,7 +87,6 @@ def test_signed_events_become_exactly_routed_crm_handoffs_through_failures(
         "LEADSCORE_DELIVERY_RETRY_AFTER_MAX_SECONDS": "2",
         "LEADSCORE_DELIVERY_CIRCUIT_FAILURES": "8",
         "LEADSCORE_DELIVERY_CIRCUIT_OPEN_SECONDS": "0.5",
-        "LEADSCORE_LOG_LEVEL": "WARNING",
     }
     server = Server(env, tmp_path, workers=2 if postgres else 1)
     workers = Workers(env, tmp_path)

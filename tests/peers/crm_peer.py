@@ -4,7 +4,9 @@ It answers like the CRMs the adapters speak to (HubSpot batch upsert, Salesforce
 plain webhook receiver), records every request it receives as a JSON line in `$CRM_PEER_LOG`
 (written every 50 ms, on `POST /_control/flush` and at shutdown; kept across restarts: "down for
 a while" is this process stopped and started again), and can be told through `/_control/...` to
-misbehave:
+misbehave. Each line has `at`, when the whole body had been read (Unix seconds), and `answer`: the
+status sent, `slow`, `drop`, or `disconnected` (the client went away before its body was read; no
+body is logged and nothing is answered).
 
 - `POST /_control/script` `{"steps": [{"action": "status", "status": 500, "times": 3}, ...]}`: the
   next requests get these answers in order. Actions: `status` (with `retry_after` for a
@@ -85,10 +87,14 @@ class _State:
 STATE = _State()
 
 
-async def _read_body(receive: Any) -> bytes:
+async def _read_body(receive: Any) -> bytes | None:
+    """The request's body, or None when the client went away first (uvicorn then reports a
+    disconnect, even if the body had arrived: a sender timing out on a busy peer)."""
     chunks = []
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             return b"".join(chunks)
@@ -151,11 +157,25 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     path, method = scope["path"], scope["method"]
-    body = await _read_body(receive)
+    received = await _read_body(receive)
+    headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+    if received is None:
+        # Not received, so not answered: logged apart, and taking no scripted answer.
+        STATE.record(
+            {
+                "at": time.time(),
+                "method": method,
+                "path": path,
+                "headers": headers,
+                "key": headers.get("idempotency-key") or headers.get("webhook-id"),
+                "answer": "disconnected",
+            }
+        )
+        return
+    body = received
     if path.startswith("/_control/"):
         await _control(path, method, body, send)
         return
-    headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
     action = STATE.next_action(body)
     status, answer = _success(method, path, body)
     if action["action"] == "status":

@@ -344,6 +344,50 @@ async def _at_least(db: Db, sql: str, expected: int) -> bool:
     return bool(await db.scalar(sql) >= expected)
 
 
+async def listeners(db: Db) -> set[int]:
+    """The backends of this database listening for new deliveries (PostgreSQL)."""
+    rows = await db.rows(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle' "
+        "AND query LIKE 'LISTEN %'"
+    )
+    return {r.pid for r in rows}
+
+
+async def test_a_commit_that_enqueues_wakes_an_idle_worker_on_postgresql(
+    engine: AsyncEngine, db: Db, peer: CrmPeer, http: httpx.AsyncClient
+) -> None:
+    """On PostgreSQL the enqueuing transaction notifies the workers at commit: with a poll interval
+    of a minute, a delivery committed while the worker idles is sent at once, and again once the
+    listening connection was cut and the worker listened anew. SQLite has nothing to listen to (the
+    worker and the service share one process there): the next poll takes it."""
+    postgres = engine.dialect.name == "postgresql"
+    w = worker(engine, http, destination_list(peer.url), poll_s=60.0 if postgres else 0.1)
+    keys = [f"wake-{uuid.uuid4().hex[:8]}-{i}" for i in range(2)]
+    w.start()
+    try:
+        if postgres:
+            await wait_for(lambda: _listening(db, excluding=set()))
+        await asyncio.sleep(0.2)  # past the worker's first claim, into its wait
+        await enqueue(engine, keys[:1])
+        await wait_for(lambda: all_settled(db, {"delivered": 1}))
+        if postgres:
+            # The listening connection goes (a database restart, a proxy's idle timeout).
+            [first] = await listeners(db)
+            assert await db.scalar("SELECT pg_terminate_backend(:pid)", pid=first)
+            await wait_for(lambda: _listening(db, excluding={first}))
+        await enqueue(engine, keys[1:])
+        await wait_for(lambda: all_settled(db, {"delivered": 2}))
+    finally:
+        await w.stop()
+    assert {r["key"] for r in peer.requests() if r["answer"] == 200} >= {f"crm:{k}" for k in keys}
+    if postgres:
+        assert await listeners(db) == set()  # stopping stops listening
+
+
+async def _listening(db: Db, *, excluding: set[int]) -> bool:
+    return bool(await listeners(db) - excluding)
+
+
 # The app: routes, in-process worker, metrics
 
 
