@@ -45,6 +45,7 @@ def json_type() -> sa.types.TypeEngine[Any]:
 
 
 def json_document() -> sa.types.TypeEngine[Any]:
-    """JSON stored as written (PostgreSQL `json`, not `jsonb`): for write-once documents that SQL
-    never looks inside (event payloads, score explanations); it skips jsonb's binary conversion."""
+    """JSON stored as written (PostgreSQL `json`, not `jsonb`): for write-once documents that no
+    hot-path SQL looks inside (event payloads, score explanations; the offline training export
+    reads an event's traits); it skips jsonb's binary conversion."""
     return sa.JSON()

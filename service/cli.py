@@ -502,12 +502,12 @@ def outcomes_export(
     One row per live (not merged) lead with a decisive outcome: label 1 for a --positive kind,
     0 for `lost`; a lead with several takes its latest. Kinds that are neither (by default
     `accepted`) label nothing: a lead with only those has no row. Columns: lead_id, outcome_at,
-    the label, then every trait of the exported leads (sorted, names verbatim).
+    the label, then every trait the exported leads had by then (sorted, names verbatim).
 
-    Leakage guard: a trait whose current value was set (by event time) at or after the deciding
-    outcome is left empty, so the spec's missing handling applies; the count is printed. Only
-    current values are stored, so an older value overwritten later cannot be recovered: that
-    trait is empty rather than its value at the time.
+    Traits are each lead's as they were before sales had it: rebuilt from its events that
+    occurred before its first outcome of any kind (`accepted` too), as ingest applies them; what
+    came later (CRM edits, re-sent properties) is not used. How many leads had no trait by then,
+    and how many cells of each trait are empty, is reported.
     """
     import tempfile
 
@@ -536,7 +536,11 @@ def outcomes_export(
         f"with {len(summary.trait_columns)} trait columns into {out_path}",
         err=True,
     )
-    click.echo(f"leakage guard: blanked {summary.blanked_cells} trait cells set at or after the outcome", err=True)
+    click.echo(
+        f"traits as before each lead's first outcome: {summary.leads_without_traits_before_outcome} leads had none, "
+        f"{summary.empty_cells} trait cells are empty",
+        err=True,
+    )
     if summary.dropped_traits:
         click.echo(f"left out traits named like a fixed column: {', '.join(summary.dropped_traits)}", err=True)
     _print_json({"out": str(out_path), **summary.as_dict()})

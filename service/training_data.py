@@ -7,18 +7,23 @@ One row per live (not merged) lead with a decisive outcome, in lead id order:
   A lead with several decisive outcomes takes its latest (by `occurred_at`, then by the order
   they were recorded): won then lost is 0, lost then won is 1. With `since`/`until`, only outcomes
   that occurred in `[since, until)` count.
+- **Traits as they were before sales had the lead.** A label's features must be what was known
+  before any outcome: once sales has the lead, what they type into the CRM flows back to us as
+  events (and enrichment re-sends every property after a deal is won). So each lead's traits are
+  rebuilt from its stored events that occurred strictly before its *first outcome of any kind*
+  (`accepted` included, whether or not in `[since, until)`; the model report judges the score at
+  the same moment), applied as ingest applies them (`LeadState.apply_traits`: the latest event
+  time wins, ties by value), in whatever order they arrived. The lead's current traits are not
+  read. A lead with no trait before its first outcome still gets a row, every trait empty, and
+  is counted.
 - **Columns.** `lead_id`, `outcome_at` (the deciding outcome's time, ISO 8601 UTC), the label
-  column, then one column per trait: the union of the exported leads' trait names, sorted, kept
+  column, then one column per trait: the union of the rebuilt traits' names, sorted, kept
   verbatim (spaces and all). A trait named like one of the first three columns is left out and
   reported. Values are written as the feature layer reads them: strings as they are, booleans as
-  `true`/`false`, numbers as Python prints them, a missing value as an empty cell.
-- **Leakage guard.** A label's features must be what was known before the outcome. `lead.traits`
-  holds each trait's current value and `lead.trait_times` the event time that set it; a trait set
-  at or after the deciding outcome's `occurred_at` (or with no recorded time) is blanked, so the
-  spec's missing handling applies, and counted. Limit: only the current value is stored, so an
-  older value that a later event overwrote cannot be recovered; such a trait is missing rather
-  than its value at the time.
-- A merge moves the merged lead's outcomes to the survivor, so they label the survivor.
+  `true`/`false`, numbers as Python prints them, a missing value as an empty cell; the empty cells
+  are counted per trait.
+- A merge moves the merged lead's events and outcomes to the survivor, so its traits and labels
+  are the survivor's.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.errors import LeadscoreError
+from service.identity import LeadState, time_key
 from service.repositories import training_data as repo
 
 POSITIVE_KINDS = ("accepted", "converted", "won")
@@ -58,8 +65,10 @@ class ExportSummary:
     trait_columns: list[str] = field(default_factory=list)
     # Traits named like the lead id, outcome time or label column: left out of the file.
     dropped_traits: list[str] = field(default_factory=list)
-    blanked_cells: int = 0
-    blanked_by_trait: dict[str, int] = field(default_factory=dict)
+    # Rows whose lead had no trait in any event before its first outcome (every trait cell empty).
+    leads_without_traits_before_outcome: int = 0
+    empty_cells: int = 0
+    empty_by_trait: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -68,8 +77,9 @@ class ExportSummary:
             "negative": self.negative,
             "trait_columns": len(self.trait_columns),
             "dropped_traits": self.dropped_traits,
-            "blanked_cells": self.blanked_cells,
-            "blanked_by_trait": dict(sorted(self.blanked_by_trait.items())),
+            "leads_without_traits_before_outcome": self.leads_without_traits_before_outcome,
+            "empty_cells": self.empty_cells,
+            "empty_by_trait": dict(sorted(self.empty_by_trait.items())),
         }
 
 
@@ -79,18 +89,14 @@ def latest_decisive(outcomes: Iterable[Mapping[str, Any]]) -> Mapping[str, Any]:
     return max(outcomes, key=lambda o: (o["occurred_at"], o["id"]))
 
 
-def known_before(trait_time: str | None, at: dt.datetime) -> bool:
-    """Whether a trait whose current value was set at `trait_time` (a `trait_times` entry, ISO
-    8601) was known strictly before `at`. An unknown or unreadable time is not."""
-    if not trait_time:
-        return False
-    try:
-        set_at = dt.datetime.fromisoformat(trait_time)
-    except ValueError:
-        return False
-    if set_at.tzinfo is None:
-        set_at = set_at.replace(tzinfo=dt.UTC)
-    return set_at < at
+def replay_traits(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The traits that applying `events` (each with `occurred_at` and a `traits` dict) gives a lead,
+    by the rule ingest applies (whatever their order)."""
+    # A scratch lead: only its traits (and their times) are used.
+    state = LeadState(id=uuid.UUID(int=0), created_at=dt.datetime.min.replace(tzinfo=dt.UTC))
+    for event in events:
+        state.apply_traits(event["traits"] or {}, time_key(event["occurred_at"]))
+    return state.traits
 
 
 def cell(value: Any) -> str:
@@ -104,23 +110,6 @@ def cell(value: Any) -> str:
     if isinstance(value, int | float):
         return str(value)
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
-
-
-def trait_cells(
-    traits: Mapping[str, Any], trait_times: Mapping[str, str], columns: Sequence[str], outcome_at: dt.datetime
-) -> tuple[list[str], list[str]]:
-    """The cells of `columns` for one lead, and the names blanked by the leakage guard (an empty
-    value blanks nothing)."""
-    cells: list[str] = []
-    blanked: list[str] = []
-    for name in columns:
-        text = cell(traits.get(name))
-        if not text or known_before(trait_times.get(name), outcome_at):
-            cells.append(text)
-        else:
-            cells.append("")
-            blanked.append(name)
-    return cells, blanked
 
 
 def check_options(
@@ -169,22 +158,27 @@ async def export_training_data(
             if not ids:
                 return summary
             after = ids[-1]
-            leads = await repo.live_leads_with_traits(conn, ids)
+            live = await repo.live_lead_ids(conn, ids)
             by_lead: dict[Any, list[dict[str, Any]]] = {}
             for row in await repo.labelled_outcomes(conn, ids, kinds=kinds, since=since, until=until):
                 by_lead.setdefault(row["lead_id"], []).append(row)
-            for lead in leads:
+            events: dict[Any, list[dict[str, Any]]] = {}
+            for row in await repo.events_before_first_outcome(conn, live):
+                events.setdefault(row["lead_id"], []).append(row)
+            for lead_id in live:
                 # Every paged id has a labelled outcome: the same filter, in the same snapshot.
-                decisive = latest_decisive(by_lead[lead["id"]])
+                decisive = latest_decisive(by_lead[lead_id])
                 occurred_at: dt.datetime = decisive["occurred_at"]
                 label = 1 if decisive["kind"] in positive else 0
-                cells, blanked = trait_cells(
-                    lead["traits"] or {}, lead["trait_times"] or {}, summary.trait_columns, occurred_at
-                )
-                writer.writerow([str(lead["id"]), occurred_at.astimezone(dt.UTC).isoformat(), str(label), *cells])
+                traits = replay_traits(events.get(lead_id, ()))
+                cells = [cell(traits.get(name)) for name in summary.trait_columns]
+                writer.writerow([str(lead_id), occurred_at.astimezone(dt.UTC).isoformat(), str(label), *cells])
                 summary.rows += 1
                 summary.positive += label
                 summary.negative += 1 - label
-                summary.blanked_cells += len(blanked)
-                for name in blanked:
-                    summary.blanked_by_trait[name] = summary.blanked_by_trait.get(name, 0) + 1
+                if not traits:
+                    summary.leads_without_traits_before_outcome += 1
+                for name, text in zip(summary.trait_columns, cells, strict=True):
+                    if not text:
+                        summary.empty_cells += 1
+                        summary.empty_by_trait[name] = summary.empty_by_trait.get(name, 0) + 1

@@ -1,7 +1,9 @@
-"""Reading CRM outcomes and the traits of their leads, for a training-data export.
+"""Reading CRM outcomes and the events of their leads, for a training-data export.
 
 "Labelled outcomes" are outcomes of the given kinds that occurred in `[since, until)` (either bound
-optional). Every query here filters by the same clause, so the trait names and the rows agree.
+optional); they choose the exported leads and their labels. A lead's *cutoff* is its first outcome
+of any kind, whenever it happened: the events that count are those that occurred strictly before
+it. Every query here filters by the same clauses, so the trait names and the rows agree.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.repositories.tables import lead, outcome
+from service.repositories.tables import inbound_event, lead, outcome
 
 
 def _outcome_filter(
@@ -27,6 +29,20 @@ def _outcome_filter(
     if until is not None:
         conditions.append(outcome.c.occurred_at < until)
     return conditions
+
+
+def _first_outcomes(lead_ids: sa.ColumnElement[bool]) -> sa.Subquery:
+    """Per lead picked by `lead_ids` (a condition on `outcome.lead_id`): its first outcome's time."""
+    return (
+        sa.select(outcome.c.lead_id, sa.func.min(outcome.c.occurred_at).label("first_at"))
+        .where(lead_ids)
+        .group_by(outcome.c.lead_id)
+        .subquery("first_outcome")
+    )
+
+
+def _before_first_outcome(first: sa.Subquery) -> list[sa.ColumnElement[bool]]:
+    return [inbound_event.c.lead_id == first.c.lead_id, inbound_event.c.occurred_at < first.c.first_at]
 
 
 @asynccontextmanager
@@ -44,15 +60,22 @@ async def read_snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 async def labelled_trait_names(
     conn: AsyncConnection, *, kinds: Collection[str], since: dt.datetime | None, until: dt.datetime | None
 ) -> list[str]:
-    """The names of every trait of the live leads with a labelled outcome, sorted."""
+    """The names of every trait in the events before the cutoff of the live leads with a labelled
+    outcome, sorted: the traits that replaying those events gives them."""
     labelled = sa.select(outcome.c.lead_id).where(*_outcome_filter(kinds=kinds, since=since, until=until))
-    live = (lead.c.merged_into_id.is_(None), lead.c.id.in_(labelled))
+    first = _first_outcomes(outcome.c.lead_id.in_(labelled))
+    events = inbound_event.join(first, sa.and_(*_before_first_outcome(first))).join(
+        lead, lead.c.id == inbound_event.c.lead_id
+    )
+    live = lead.c.merged_into_id.is_(None)
     query: sa.Select[Any]
     if conn.dialect.name == "postgresql":
-        query = sa.select(sa.func.jsonb_object_keys(lead.c.traits)).where(*live).distinct()
+        # `payload` is `json` on PostgreSQL (see `models.types.json_document`).
+        keys = sa.func.json_object_keys(inbound_event.c.payload.op("->")("traits"))
+        query = sa.select(keys).select_from(events).where(live).distinct()
     else:
-        keys = sa.func.json_each(lead.c.traits).table_valued("key")
-        query = sa.select(keys.c.key).select_from(lead).join(keys, sa.true()).where(*live).distinct()
+        pairs = sa.func.json_each(inbound_event.c.payload, "$.traits").table_valued("key")
+        query = sa.select(pairs.c.key).select_from(events).join(pairs, sa.true()).where(live).distinct()
     return sorted(str(name) for (name,) in await conn.execute(query))
 
 
@@ -74,16 +97,14 @@ async def labelled_lead_ids_page(
     return [row[0] for row in await conn.execute(query)]
 
 
-async def live_leads_with_traits(conn: AsyncConnection, lead_ids: Collection[uuid.UUID]) -> list[dict[str, Any]]:
-    """id, traits and trait_times of those of `lead_ids` that are not merged, in id order."""
+async def live_lead_ids(conn: AsyncConnection, lead_ids: Collection[uuid.UUID]) -> list[uuid.UUID]:
+    """Those of `lead_ids` that are not merged, in id order."""
     if not lead_ids:
         return []
     rows = await conn.execute(
-        sa.select(lead.c.id, lead.c.traits, lead.c.trait_times)
-        .where(lead.c.id.in_(list(lead_ids)), lead.c.merged_into_id.is_(None))
-        .order_by(lead.c.id)
+        sa.select(lead.c.id).where(lead.c.id.in_(list(lead_ids)), lead.c.merged_into_id.is_(None)).order_by(lead.c.id)
     )
-    return [dict(row._mapping) for row in rows]
+    return [row[0] for row in rows]
 
 
 async def labelled_outcomes(
@@ -101,5 +122,27 @@ async def labelled_outcomes(
         sa.select(outcome.c.id, outcome.c.lead_id, outcome.c.kind, outcome.c.occurred_at).where(
             outcome.c.lead_id.in_(list(lead_ids)), *_outcome_filter(kinds=kinds, since=since, until=until)
         )
+    )
+    return [dict(row._mapping) for row in rows]
+
+
+async def events_before_first_outcome(conn: AsyncConnection, lead_ids: Collection[uuid.UUID]) -> list[dict[str, Any]]:
+    """lead_id, occurred_at and traits (a dict) of every event of `lead_ids` that occurred strictly
+    before the lead's first outcome (of any kind), ordered by lead, occurred_at and id. A lead
+    without an outcome has none."""
+    if not lead_ids:
+        return []
+    ids = list(lead_ids)
+    first = _first_outcomes(outcome.c.lead_id.in_(ids))
+    traits: sa.ColumnElement[Any]
+    if conn.dialect.name == "postgresql":
+        traits = inbound_event.c.payload.op("->", return_type=sa.JSON)("traits")
+    else:
+        traits = sa.func.json_extract(inbound_event.c.payload, "$.traits", type_=sa.JSON)
+    rows = await conn.execute(
+        sa.select(inbound_event.c.lead_id, inbound_event.c.occurred_at, traits.label("traits"))
+        .join(first, sa.and_(*_before_first_outcome(first)))
+        .where(inbound_event.c.lead_id.in_(ids))
+        .order_by(inbound_event.c.lead_id, inbound_event.c.occurred_at, inbound_event.c.id)
     )
     return [dict(row._mapping) for row in rows]

@@ -1,6 +1,6 @@
 """CRM outcomes become training labels: `leadscore outcomes export` writes a CSV that
-`leadscore train` reads, with the label of each lead's latest decisive outcome and only the traits
-known before it (the leakage guard)."""
+`leadscore train` reads, with the label of each lead's latest decisive outcome and the traits it
+had before its first outcome of any kind, rebuilt from its events."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from service.outcomes import OutcomeReport, record_outcomes
 from service.pipelines import parse_spec
 from service.training_data import ExportSummary, InvalidExport, export_training_data
 from tests.conftest import REPO_ROOT, SHARED, Db, Sender, lead_event
+from tests.service.sources_support import lead_traits
 
 pytestmark = pytest.mark.anyio
 
@@ -116,7 +117,8 @@ async def test_labels_by_kind_and_the_latest_decisive_outcome(
     # The trait names verbatim (spaces kept), sorted, after the fixed columns; values as stored.
     assert header == ["lead_id", "outcome_at", "Converted", "Lead Origin", "country", "n"]
     assert [(r["Lead Origin"], r["country"]) for r in rows] == [("API", "PT")] * 5
-    assert (summary.rows, summary.positive, summary.negative, summary.blanked_cells) == (5, 3, 2, 0)
+    assert (summary.rows, summary.positive, summary.negative) == (5, 3, 2)
+    assert (summary.leads_without_traits_before_outcome, summary.empty_cells) == (0, 0)
 
     # Only `won` positive: a converted lead decides nothing; accepted may count as positive too.
     _, rows, _ = await export(app, positive=["won"], label_column="Won")
@@ -157,62 +159,143 @@ async def test_values_are_written_as_the_feature_layer_reads_them(
     assert summary.dropped_traits == ["Converted"]
 
 
-async def test_merged_leads_are_not_exported(app: FastAPI, client: httpx.AsyncClient, sender: Sender, db: Db) -> None:
+async def test_merged_leads_are_not_exported_and_their_events_and_outcomes_are_the_survivors(
+    app: FastAPI, client: httpx.AsyncClient, sender: Sender, db: Db
+) -> None:
     survivor = await post(client, sender, {"country": "PT"}, on=day(0), email="ana@acme.io")
     merged = await post(client, sender, {"title": "CTO"}, on=day(1), email=None, external_ids={"hubspot": "7"})
     await outcomes(app, (merged, "won", day(2)), (survivor, "lost", day(3)))
+    # After the merged lead's outcome (day 2), before the survivor's own (day 3).
+    await post(
+        client, sender, {"title": "VP", "seniority": "senior"}, on=day(2.5), email=None, external_ids={"hubspot": "7"}
+    )
+    await post(client, sender, {"country": "ES"}, on=day(2.5), email="ana@acme.io")
+    _, rows, _ = await export(app)
+    # Before the merge each lead is its own: the survivor's first outcome is its day-3 loss.
+    assert {r["lead_id"]: (r["Converted"], r["title"], r["country"]) for r in rows} == {
+        merged: ("1", "CTO", ""),
+        survivor: ("0", "", "ES"),
+    }
+
     # One event naming both identities: one person; the younger lead is merged into the older.
     both = await post(client, sender, {}, on=day(4), email="ana@acme.io", external_ids={"hubspot": "7"})
     assert both == survivor
     assert await db.scalar("SELECT count(*) FROM lead WHERE merged_into_id IS NOT NULL") == 1
-    # What sales reported about either lead now belongs to the survivor.
-    moved = "SELECT count(*) FROM outcome JOIN lead ON lead.id = outcome.lead_id WHERE lead.merged_into_id IS NULL"
-    assert await db.scalar(moved) == await db.scalar("SELECT count(*) FROM outcome") == 2
-    _, rows, _ = await export(app)
-    # The merged lead has no row; the survivor's latest decisive outcome (lost, day 3, after the
-    # merged lead's win on day 2) labels it, with the traits it took over.
-    assert [(r["lead_id"], r["Converted"], r["title"]) for r in rows] == [(survivor, "0", "CTO")]
+    # What either lead sent and what sales reported about it now belong to the survivor.
+    live = "JOIN lead ON lead.id = {0}.lead_id WHERE lead.merged_into_id IS NULL"
+    assert await db.scalar(f"SELECT count(*) FROM outcome {live.format('outcome')}") == 2
+    assert await db.scalar(f"SELECT count(*) FROM inbound_event {live.format('inbound_event')}") == 5
+    header, rows, _ = await export(app)
+    # The merged lead has no row. The survivor's latest decisive outcome (lost, day 3) labels it;
+    # its traits are both leads' events before the first outcome of either (the won, day 2), so
+    # neither day-2.5 event counts any more.
+    assert header[3:] == ["country", "title"]
+    assert [(r["lead_id"], r["Converted"], r["country"], r["title"]) for r in rows] == [(survivor, "0", "PT", "CTO")]
     # An outcome reported for the merged lead after the merge is recorded on the survivor.
     await outcomes(app, (merged, "won", day(6)))
     _, rows, _ = await export(app)
-    assert [(r["lead_id"], r["Converted"], r["outcome_at"]) for r in rows] == [(survivor, "1", day(6).isoformat())]
+    assert [(r["lead_id"], r["Converted"], r["outcome_at"], r["title"]) for r in rows] == [
+        (survivor, "1", day(6).isoformat(), "CTO")
+    ]
 
 
-async def test_leakage_guard_blanks_exactly_the_traits_set_at_or_after_the_outcome(
+async def test_traits_are_those_before_the_first_outcome_of_any_kind(
     app: FastAPI, client: httpx.AsyncClient, sender: Sender
 ) -> None:
-    email = "leak@acme.io"
-    lead = await post(client, sender, {"t1": "a", "t2": "a", "t3": "a"}, on=day(1), email=email)
-    await post(client, sender, {"t2": "b", "t4": "b"}, on=day(3), email=email)
-    await post(client, sender, {"t5": "c"}, on=day(5), email=email)  # the very time of the outcome
-    await post(client, sender, {"t3": "d", "Lead Quality": "High"}, on=day(6), email=email)
-    # Events arrive in any order: one with an older time, applied last, does not win over t2's value.
-    await post(client, sender, {"t2": "old"}, on=day(2), email=email)
-    other = await post(client, sender, {"t1": "x", "t3": "x"}, on=day(1), email="other@acme.io")
-    await outcomes(app, (lead, "won", day(5)), (other, "lost", day(9)))
+    email = "first@acme.io"
+    lead = await post(client, sender, {"country": "PT", "title": "CTO"}, on=day(0), email=email)
+    await post(client, sender, {"title": "CEO"}, on=day(1), email=email)
+    # At the very time sales accepted the lead, and after it: sales' own view, not used.
+    await post(client, sender, {"title": "Founder", "budget": "high"}, on=day(2), email=email)
+    await post(client, sender, {"country": "ES", "Lead Quality": "High"}, on=day(3), email=email)
+    other = await post(client, sender, {"budget": "low"}, on=day(0), email="other@acme.io")
+    await outcomes(
+        app, (lead, "accepted", day(2)), (lead, "lost", day(4)), (lead, "won", day(6)), (other, "lost", day(1))
+    )
     header, rows, summary = await export(app)
+    # The label is the latest decisive outcome (won), the traits those before the first (accepted).
+    assert header[3:] == ["budget", "country", "title"]  # no trait first seen after an outcome
     by_id = {r["lead_id"]: r for r in rows}
-    assert header[3:] == ["Lead Quality", "t1", "t2", "t3", "t4", "t5"]
-    # Kept: values set before the outcome. Blanked: set at it (t5) or after it (Lead Quality), and
-    # t3, whose day-1 value was overwritten on day 6 (the documented limit: not recoverable).
-    assert {k: by_id[lead][k] for k in header[3:]} == {
-        "Lead Quality": "",
-        "t1": "a",
-        "t2": "b",
-        "t3": "",
-        "t4": "b",
-        "t5": "",
+    assert {k: by_id[lead][k] for k in ("outcome_at", "Converted", "budget", "country", "title")} == {
+        "outcome_at": day(6).isoformat(),
+        "Converted": "1",
+        "budget": "",
+        "country": "PT",
+        "title": "CEO",
     }
-    assert {k: by_id[other][k] for k in header[3:]} == {
-        "Lead Quality": "",
-        "t1": "x",
-        "t2": "",
-        "t3": "x",
-        "t4": "",
-        "t5": "",
+    assert {k: by_id[other][k] for k in header[2:]} == {"Converted": "0", "budget": "low", "country": "", "title": ""}
+    assert (summary.empty_cells, summary.empty_by_trait) == (3, {"budget": 1, "country": 1, "title": 1})
+    assert summary.leads_without_traits_before_outcome == 0
+
+    # An outcome outside the period still marks when sales had the lead.
+    header, rows, _ = await export(app, since=day(5))
+    assert header[3:] == ["country", "title"]
+    assert [(r["lead_id"], r["Converted"], r["country"], r["title"]) for r in rows] == [(lead, "1", "PT", "CEO")]
+
+
+async def test_values_resent_or_overwritten_after_the_outcome_keep_the_value_before_it(
+    app: FastAPI, client: httpx.AsyncClient, sender: Sender, db: Db
+) -> None:
+    traits = {"country": "PT", "title": "CTO", "TotalVisits": 4}
+    won = await post(client, sender, traits, on=day(0), email="won@acme.io")
+    lost = await post(client, sender, traits, on=day(0), email="lost@acme.io")
+    await outcomes(app, (won, "won", day(5)), (lost, "lost", day(5)))
+    # After the deal, enrichment re-sends every property (the same values, a later time) and the
+    # CRM overwrites some: the lead's current traits move on, the export does not.
+    await post(client, sender, traits, on=day(6), email="won@acme.io")
+    await post(client, sender, {"title": "Customer", "TotalVisits": 9}, on=day(7), email="won@acme.io")
+    await post(client, sender, {"title": "Churn risk"}, on=day(7), email="lost@acme.io")
+    current = await lead_traits(db, won)
+    assert (current["title"], current["TotalVisits"]) == ("Customer", 9)
+    _, rows, summary = await export(app)
+    assert {r["lead_id"]: (r["Converted"], r["country"], r["title"], r["TotalVisits"]) for r in rows} == {
+        won: ("1", "PT", "CTO", "4"),
+        lost: ("0", "PT", "CTO", "4"),
     }
-    assert summary.blanked_cells == 3
-    assert summary.blanked_by_trait == {"Lead Quality": 1, "t3": 1, "t5": 1}
+    assert (summary.empty_cells, summary.empty_by_trait) == (0, {})
+
+
+async def test_events_out_of_order_give_the_traits_ingest_gives(
+    app: FastAPI, client: httpx.AsyncClient, sender: Sender, db: Db
+) -> None:
+    email = "order@acme.io"
+    # Arrival order is not time order; the latest event time wins, a tie goes to the larger value.
+    lead = await post(client, sender, {"t1": "late", "t2": "late"}, on=day(7), email=email)
+    await post(client, sender, {"t1": "b"}, on=day(3), email=email)
+    await post(client, sender, {"t1": "a", "t2": "a", "t3": "a"}, on=day(1), email=email)
+    await post(client, sender, {"t3": "at"}, on=day(5), email=email)  # at the outcome: not before it
+    await post(client, sender, {"t2": "b", "t4": "y"}, on=day(4), email=email)
+    await post(client, sender, {"t4": "x"}, on=day(4), email=email)
+    # The same events before the outcome, for a lead whose current traits are those of the export.
+    twin = await post(client, sender, {"t2": "b", "t4": "x"}, on=day(4), email="twin@acme.io")
+    await post(client, sender, {"t1": "b"}, on=day(3), email="twin@acme.io")
+    await post(client, sender, {"t4": "y"}, on=day(4), email="twin@acme.io")
+    await post(client, sender, {"t1": "a", "t2": "a", "t3": "a"}, on=day(1), email="twin@acme.io")
+    await outcomes(app, (lead, "lost", day(5)), (twin, "won", day(5)))
+    header, rows, _ = await export(app)
+    by_id = {r["lead_id"]: {k: r[k] for k in header[3:]} for r in rows}
+    assert by_id[lead] == by_id[twin] == {"t1": "b", "t2": "b", "t3": "a", "t4": "y"}
+    assert await lead_traits(db, twin) == by_id[twin]
+
+
+async def test_a_lead_without_traits_before_its_first_outcome_gets_an_empty_row(
+    app: FastAPI, client: httpx.AsyncClient, sender: Sender
+) -> None:
+    # Its only events are after the outcome (the CRM reported an earlier time), or carry no traits.
+    late = await post(client, sender, {"country": "PT"}, on=day(3), email="late@acme.io")
+    bare = await post(client, sender, {}, on=day(0), email="bare@acme.io")
+    await post(client, sender, {"country": "ES"}, on=day(2), email="bare@acme.io")
+    known = await post(client, sender, {"title": "CTO"}, on=day(0), email="known@acme.io")
+    await outcomes(app, (late, "won", day(1)), (bare, "lost", day(1)), (known, "won", day(1)))
+    header, rows, summary = await export(app)
+    assert header[3:] == ["title"]
+    assert {r["lead_id"]: (r["Converted"], r["title"]) for r in rows} == {
+        late: ("1", ""),
+        bare: ("0", ""),
+        known: ("1", "CTO"),
+    }
+    assert summary.leads_without_traits_before_outcome == 2
+    assert summary.as_dict()["empty_by_trait"] == {"title": 2}
 
 
 async def test_period_filters_choose_the_outcomes_that_count(
@@ -304,11 +387,11 @@ async def test_export_then_train_on_the_exported_file(
     lead_of = [by_email[f"p{i}@example.org"] for i in range(60)]
     kinds = {"1": ("converted", "won"), "0": ("lost", "lost")}
     await outcomes(app, *[(lead_of[i], kinds[row["Converted"]][i % 2], day(10)) for i, row in enumerate(chosen)])
-    # Five leads learn their lead quality after the outcome: the guard blanks it in those rows.
-    for i in range(5):
-        late = lead_event(
-            email=f"p{i}@example.org", occurred_at=day(11).isoformat(), traits={"Lead Quality": "High in Relevance"}
-        )
+    # After the outcome, five leads have every property re-sent (as enrichment does after a won
+    # deal) and five have their lead quality overwritten: neither reaches the file.
+    for i in range(10):
+        traits = events[i]["traits"] if i < 5 else {"Lead Quality": "High in Relevance"}
+        late = lead_event(email=f"p{i}@example.org", occurred_at=day(11).isoformat(), traits=traits)
         assert (await sender.post(client, late)).status_code == 202
 
     out = tmp_path / "labels.csv"
@@ -321,18 +404,22 @@ async def test_export_then_train_on_the_exported_file(
     (code, summary, stderr), (train_code, trained, train_err) = await asyncio.to_thread(export_and_train)
     assert code == 0, stderr
     assert (summary["rows"], summary["positive"], summary["negative"]) == (60, 30, 30)
-    assert (summary["blanked_cells"], summary["blanked_by_trait"]) == (5, {"Lead Quality": 5})
-    assert "blanked 5 trait cells" in stderr
+    empty: dict[str, int] = {}
+    for row in chosen:
+        for name, value in row.items():
+            if name not in ("Converted", "Prospect ID") and not value:
+                empty[name] = empty.get(name, 0) + 1
+    assert (summary["leads_without_traits_before_outcome"], summary["empty_by_trait"]) == (0, empty)
+    assert f"0 leads had none, {sum(empty.values())} trait cells are empty" in stderr
     with out.open(newline="", encoding="utf-8") as f:
         exported = {row["lead_id"]: row for row in csv.DictReader(f)}
-    # Every value comes back verbatim under its original column name, but what the guard blanked.
+    # Every value comes back verbatim under its original column name, as it was before the outcome.
     for i, row in enumerate(chosen):
         line = exported[lead_of[i]]
         assert line["Converted"] == row["Converted"]
-        expected = {k: v for k, v in row.items() if k not in ("Converted", "Prospect ID")}
-        if i < 5:
-            expected["Lead Quality"] = ""
-        assert {k: line[k] for k in expected} == expected
+        assert {k: line[k] for k in row if k not in ("Converted", "Prospect ID")} == {
+            k: v for k, v in row.items() if k not in ("Converted", "Prospect ID")
+        }
 
     # The model sees exactly what it would from the source rows (Lead Quality is no model feature).
     spec = parse_spec(SPEC.read_text())
