@@ -10,7 +10,9 @@ share them and a killed worker's jobs are claimed again), reads each contact thr
 email, merges, scores, qualification and handoff happen as for any event, and reading the same
 contact state twice (a lease that ran out) stores it once. Retries follow the delivery
 `RetryPolicy`: 429 after its `Retry-After`, 408, 5xx and transport failures with backoff; any other
-4xx (404 no such contact, 401/403 a bad token) makes the job `dead`. Every attempt is recorded.
+4xx (404 no such contact, 401/403 a bad token) makes the job `dead`, unless the contact was asked
+for again during the attempt; a new API token revives the jobs a refused token killed
+(`service.sources.configure_source`). Every attempt is recorded.
 """
 
 from __future__ import annotations

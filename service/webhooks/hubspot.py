@@ -9,9 +9,9 @@ HubSpot called with the characters of HubSpot's table decoded. v1 (`sha256(secre
 App webhook events carry ids, not the contact: a property change says which property now has which
 value. They are stored as they come and score on what arrived. When the source has an API token,
 the contact's other properties are fetched afterwards (`service.enrichment`): the mapper names the
-contacts worth fetching (`Mapped.fetch`: after a creation, a property change or a restore, not a
-deletion), and `contact_record` maps the fetched contact back to a lead event, tied to the lead by
-the external id `hubspot`.
+contacts worth fetching (`Mapped.fetch`: after a creation, a restore or a change to a property the
+source reads, `contact_properties`; not a deletion), and `contact_record` maps the fetched contact
+back to a lead event, tied to the lead by the external id `hubspot`.
 """
 
 from __future__ import annotations
