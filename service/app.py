@@ -34,6 +34,7 @@ from service.crm_outcomes import CrmOutcome
 from service.db import create_engine, is_sqlite
 from service.delivery import build_adapters, build_worker
 from service.enrichment import EnrichmentConfig, EnrichmentWorker
+from service.enrichment import http_client as enrichment_http_client
 from service.errors import install_error_handlers
 from service.ingest import IngestWriter
 from service.metrics import RequestMetrics
@@ -97,17 +98,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         delivery, client = build_worker(engine, settings) if in_process else (None, None)
         if delivery is not None:
             delivery.start()
-        # HubSpot enrichment runs where the delivery worker runs, on its HTTP client, and stores what
-        # it fetches through this process's ingest writer.
+        # HubSpot enrichment runs where the delivery worker runs, on an HTTP client of its own (a pool
+        # sized for its fetches), and stores what it fetches through this process's ingest writer.
+        enrichment_client = enrichment_http_client(settings) if in_process else None
         enrichment = (
             EnrichmentWorker(
                 engine,
                 ingest=writer.submit,
-                client=client,
+                client=enrichment_client,
                 config=EnrichmentConfig.from_settings(settings),
                 pipelines=lambda: pipelines.current,
             )
-            if client is not None
+            if enrichment_client is not None
             else None
         )
         if enrichment is not None:
@@ -148,6 +150,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await applier.stop()
             if enrichment is not None:
                 await enrichment.stop()
+            if enrichment_client is not None:
+                await enrichment_client.aclose()
             if delivery is not None and client is not None:
                 await delivery.stop()
                 await client.aclose()

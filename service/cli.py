@@ -852,6 +852,7 @@ def worker(concurrency: int | None, metrics_port: int | None) -> None:
 
     from service.crm import InvalidDestinations
     from service.delivery import build_worker, refresh_outbox_gauges
+    from service.enrichment import http_client as enrichment_http_client
     from service.enrichment import standalone_worker
 
     settings = Settings()
@@ -878,8 +879,12 @@ def worker(concurrency: int | None, metrics_port: int | None) -> None:
 
         reporter = asyncio.create_task(gauges()) if metrics_port else None
         try:
-            # HubSpot enrichment shares the process and its HTTP client: both drain a durable queue.
-            async with standalone_worker(engine, settings, client) as enrichment:
+            # HubSpot enrichment shares the process (both drain a durable queue), on an HTTP client of
+            # its own: its pool is sized for its fetches, the delivery one for deliveries.
+            async with (
+                enrichment_http_client(settings) as fetcher,
+                standalone_worker(engine, settings, fetcher) as enrichment,
+            ):
                 enrichment.start()
                 await delivery.run_until(stop)
         finally:

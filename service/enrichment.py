@@ -10,7 +10,9 @@ share them and a killed worker's jobs are claimed again), reads each contact thr
 email, merges, scores, qualification and handoff happen as for any event, and reading the same
 contact state twice (a lease that ran out) stores it once. Retries follow the delivery
 `RetryPolicy`: 429 after its `Retry-After`, 408, 5xx and transport failures with backoff; any other
-4xx (404 no such contact, 401/403 a bad token) makes the job `dead`. Every attempt is recorded.
+4xx (404 no such contact, 401/403 a bad token) makes the job `dead`, unless the contact was asked
+for again during the attempt; a new API token revives the jobs a refused token killed
+(`service.sources.configure_source`). Every attempt is recorded.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -29,7 +30,6 @@ import httpx
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from scoring.spec import PipelineSpec, TraitSource
 from service.crm import CrmError, CrmTransportError, fetch_contact
 from service.db import is_sqlite, write_transaction
 from service.delivery.policy import RetryPolicy
@@ -43,32 +43,24 @@ from service.repositories import enrichment as repo
 from service.repositories import sources as sources_repo
 from service.repositories.sources import SourceRow
 from service.settings import Settings
-from service.webhooks.base import SourceConfig
-from service.webhooks.hubspot import contact_record
+from service.webhooks.hubspot import contact_properties, contact_record, pipeline_traits
 
 log = structlog.get_logger(__name__)
 
-# Read for every contact: they name the person (email) and who they are to sales.
-DEFAULT_PROPERTIES = ("email", "firstname", "lastname", "company")
-# A HubSpot property's internal name; a pipeline trait with spaces ("Lead Origin") cannot be one
-# (the source's mapping says which property becomes it).
-_PROPERTY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 
-
-def pipeline_traits(spec: PipelineSpec) -> list[str]:
-    """The traits a pipeline reads (its trait features' sources)."""
-    return sorted({f.source.trait for f in spec.features if isinstance(f.source, TraitSource)})
-
-
-def contact_properties(config: SourceConfig, traits: Iterable[str] = ()) -> list[str]:
-    """The contact properties to read: the defaults, the source's `properties`, every property its
-    mapping renames (not those it drops), and the pipeline's `traits` no mapping produces (when they
-    can be HubSpot property names)."""
-    wanted = set(DEFAULT_PROPERTIES) | set(config.properties)
-    wanted |= {name for name, target in config.mapping.items() if target is not None}
-    produced = {target for target in config.mapping.values() if target is not None}
-    wanted |= {t for t in traits if t not in produced and _PROPERTY_NAME.match(t)}
-    return sorted(wanted)
+def http_client(settings: Settings) -> httpx.AsyncClient:
+    """Enrichment's own HTTP client. A worker has at most `LEADSCORE_ENRICHMENT_CONCURRENCY` fetches
+    in flight, and the pool has a connection for each: a fetch never waits for a connection (a wait
+    that timed out would count as a failed attempt). Timeouts are the delivery ones; no redirects (one
+    would carry the token elsewhere)."""
+    timeout = settings.delivery_timeout_seconds
+    slots = settings.enrichment_concurrency
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+        limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+        follow_redirects=False,
+        headers={"user-agent": "leadscore-enrichment/0.1"},
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from service.auth import SYSTEM, Principal
 from service.db import write_transaction
 from service.errors import StorageUnavailable
 from service.metrics import DB_ERRORS
+from service.repositories import enrichment as enrichment_repo
 from service.repositories import sources as repo
 from service.repositories.sources import SourceRow
 from service.webhooks import SCHEMES, SourceConfig, scheme_for
@@ -84,6 +85,7 @@ async def _audit(
     after: SourceRow | None,
     reason: str | None,
     now: dt.datetime,
+    effects: Mapping[str, object] | None = None,
 ) -> None:
     await append_audit(
         conn,
@@ -93,7 +95,7 @@ async def _audit(
         entity="source",
         entity_id=name,
         before=None if before is None else _state(before),
-        after=None if after is None else _state(after),
+        after=None if after is None else _state(after) | dict(effects or {}),
         reason=reason,
         now=now,
     )
@@ -212,9 +214,11 @@ async def configure_source(
     reason: str | None = None,
 ) -> SourceConfig:
     """Replace the parts given of a source's configuration; returns the whole new configuration.
-    `api_token` sets (or replaces) a HubSpot source's private-app token, which turns enrichment on;
-    `clear_api_token` removes it (off). Audited as `source.configured` (whether a token is set, never
-    the token)."""
+    `api_token` sets (or replaces) a HubSpot source's private-app token, which turns enrichment on and
+    revives the fetches a refused token (401/403) gave up on; `clear_api_token` removes it (off). A
+    new API base URL needs the token given again or cleared in the same call: the token is never sent
+    to a host it was not given for. Audited as `source.configured` (whether a token is set, never the
+    token; `fetches_revived` when a new token revived any)."""
     now = now or dt.datetime.now(dt.UTC)
     if api_token is not None and clear_api_token:
         raise SourceError("set an API token or clear it, not both")
@@ -228,14 +232,31 @@ async def configure_source(
             api_base_url=api_base_url,
         )
         _check_applies(before.scheme, config)
+        moved = config.api_base_url != before.config.api_base_url
+        if moved and before.api_token is not None and api_token is None and not clear_api_token:
+            raise SourceError(
+                "a new API base URL would receive the API token set for the old one: give the token again "
+                "(--api-token-stdin) or clear it (--clear-api-token) in the same command"
+            )
         await repo.set_config(conn, source_id=before.id, config=_stored(config))
+        effects: dict[str, object] = {}
         if api_token is not None:
             await repo.set_api_token(conn, source_id=before.id, token=_api_token(before.scheme, api_token), now=now)
+            if revived := await enrichment_repo.revive_token_refused(conn, source_id=before.id, now=now):
+                effects["fetches_revived"] = revived
         elif clear_api_token:
             await repo.clear_api_token(conn, source_id=before.id)
         after = await _existing(conn, name)
         await _audit(
-            conn, actor=actor, action="source.configured", name=name, before=before, after=after, reason=reason, now=now
+            conn,
+            actor=actor,
+            action="source.configured",
+            name=name,
+            before=before,
+            after=after,
+            reason=reason,
+            now=now,
+            effects=effects,
         )
     return config
 

@@ -121,6 +121,7 @@ async def receive_webhook(services: Services, scope: Scope, receive: Receive, se
             writer=services.writer,
             limits=services.limits,
             now=utcnow(),
+            pipelines=lambda: services.pipelines.current,
             request=RequestLine(
                 method=scope["method"],
                 scheme=scope.get("scheme", "http"),

@@ -35,7 +35,8 @@ async def request_fetches(conn: AsyncConnection, requests: Sequence[FetchRequest
     """Record fetch requests in the caller's open transaction, one statement for the batch. A record
     with a job already waiting (pending, or in flight) gets no second job: the waiting one counts
     the request (a burst of changes to one contact is one fetch; one that arrives while the fetch is
-    in flight makes that job run again once it is done). A done or dead job becomes pending again."""
+    in flight makes that job run again once it ends, done or dead). A done or dead job becomes
+    pending again."""
     if not requests:
         return
     counted: dict[tuple[int, str], tuple[uuid.UUID, int]] = {}
@@ -60,7 +61,8 @@ async def request_fetches(conn: AsyncConnection, requests: Sequence[FetchRequest
         for (source_id, object_id), (lead_id, count) in sorted(counted.items())
     ]
     statement = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(enrichment_job)
-    waiting = enrichment_job.c.status.in_(WAITING)
+    # Not `in_(WAITING)`: its expanding parameter cannot go into a statement run for many rows.
+    waiting = sa.or_(*(enrichment_job.c.status == s for s in WAITING))
     # Every expression below reads the row as it was before this update.
     statement = statement.on_conflict_do_update(
         index_elements=[enrichment_job.c.source_id, enrichment_job.c.object_id],
@@ -78,6 +80,48 @@ async def request_fetches(conn: AsyncConnection, requests: Sequence[FetchRequest
         },
     )
     await conn.execute(statement, rows)
+
+
+# A fetch refused for its token (wrong, revoked, or without the contacts read scope).
+TOKEN_REFUSED = (401, 403)
+
+
+async def revive_token_refused(conn: AsyncConnection, *, source_id: int, now: dt.datetime) -> int:
+    """In the transaction that gives a source a new API token: its jobs that died of a refused token
+    are pending again (due now, with a fresh retry budget), and those in flight count as asked again,
+    so one that ends refused (sent with the old token) runs once more. Returns how many jobs were
+    revived or asked again.
+
+    The source's waiting jobs are locked first, in the order ingest locks jobs in: on PostgreSQL a
+    worker cannot claim one of them until the new token is committed (it reads the token after
+    claiming), and this cannot deadlock with an ingest transaction asking for the same contacts."""
+    refused = sa.and_(enrichment_job.c.status == "dead", enrichment_job.c.last_status_code.in_(TOKEN_REFUSED))
+    rows = (
+        await conn.execute(
+            sa.select(enrichment_job.c.id, enrichment_job.c.status)
+            .where(enrichment_job.c.source_id == source_id, sa.or_(enrichment_job.c.status.in_(WAITING), refused))
+            .order_by(enrichment_job.c.object_id)
+            .with_for_update()
+        )
+    ).all()
+    dead = [r.id for r in rows if r.status == "dead"]
+    flying = [r.id for r in rows if r.status == "in_flight"]
+    for start in range(0, len(dead), _CHUNK):
+        await conn.execute(
+            enrichment_job.update()
+            .where(enrichment_job.c.id.in_(dead[start : start + _CHUNK]))
+            .values(status="pending", attempts=0, next_attempt_at=now, updated_at=now)
+        )
+    for start in range(0, len(flying), _CHUNK):
+        await conn.execute(
+            enrichment_job.update()
+            .where(enrichment_job.c.id.in_(flying[start : start + _CHUNK]))
+            .values(requests=enrichment_job.c.requests + 1, updated_at=now)
+        )
+    return len(dead) + len(flying)
+
+
+_CHUNK = 500  # ids per statement (SQLite allows 999 parameters in older builds)
 
 
 async def any_due(conn: AsyncConnection, *, now: dt.datetime) -> bool:
@@ -160,20 +204,22 @@ def _values(outcome: FetchOutcome, now: dt.datetime) -> dict[str, Any]:
         "last_status_code": outcome.status_code,
         "last_error": _cut(outcome.error),
     }
-    if outcome.status == "done":
-        # Asked again while this fetch was in flight: it may have read the record before the change
-        # that asked, so the job runs once more, now.
-        again = enrichment_job.c.requests > enrichment_job.c.claimed_requests
-        return common | {
-            "status": sa.case((again, "pending"), else_="done"),
-            "attempts": sa.case((again, 0), else_=enrichment_job.c.attempts),
-            "next_attempt_at": sa.case((again, now), else_=enrichment_job.c.next_attempt_at),
-            "fetched_at": now,
-            "event_id": outcome.event_id,
-        }
     if outcome.status == "pending":
         return common | {"status": "pending", "next_attempt_at": outcome.next_attempt_at or now}
-    return common | {"status": "dead"}
+    # Asked again while this fetch was in flight: the job runs once more, now, with a fresh retry
+    # budget. After a success the fetch may have read the record before the change that asked; after
+    # a refusal the request is newer than the attempt (a 401 while the token was being replaced), and
+    # giving up would lose it.
+    again = enrichment_job.c.requests > enrichment_job.c.claimed_requests
+    final = outcome.status
+    ended = common | {
+        "status": sa.case((again, "pending"), else_=final),
+        "attempts": sa.case((again, 0), else_=enrichment_job.c.attempts),
+        "next_attempt_at": sa.case((again, now), else_=enrichment_job.c.next_attempt_at),
+    }
+    if final == "done":
+        return ended | {"fetched_at": now, "event_id": outcome.event_id}
+    return ended
 
 
 async def record_outcomes(conn: AsyncConnection, outcomes: Sequence[FetchOutcome], *, now: dt.datetime) -> int:

@@ -12,12 +12,13 @@ import datetime as dt
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from service.errors import InvalidEvent, InvalidJson, InvalidSignature
 from service.events import LeadEvent
@@ -53,9 +54,42 @@ class SourceConfig(BaseModel):
     )
     api_base_url: str = Field(
         default=HUBSPOT_API,
-        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
-        description="HubSpot only: the API's base URL enrichment calls (with the source's API token).",
+        max_length=500,
+        description="HubSpot only: the API's base URL enrichment calls (with the source's API token): "
+        "https, or http to this machine (localhost, 127.0.0.1, ::1); no user, query or fragment.",
     )
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _check_api_base_url(cls, value: str) -> str:
+        problem = api_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
+# Plain http only to this machine: the API token travels in the Authorization header.
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def api_url_problem(url: str) -> str | None:
+    """Why `url` cannot be an API base URL that a bearer token is sent to, or None when it can."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "the URL has whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a bad port is refused here, not at the first fetch
+    except ValueError as exc:
+        return f"not a URL: {exc}"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "give an https:// URL with a host"
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        return "the API token is sent to this URL: https only (http only to localhost, 127.0.0.1 or ::1)"
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        return "the URL must not carry a user or password"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return "the URL must not have a query or fragment"
+    return None
 
 
 DEFAULT_CONFIG = SourceConfig()
@@ -102,6 +136,18 @@ class Mapped:
     # Events after which the vendor's full record is worth fetching (a HubSpot app event carries ids
     # only): index in `events` -> the record's id. Fetched only when the source has an API token.
     fetch: dict[int, str] = field(default_factory=dict)
+    # Of those, the ones asked by a change to one vendor property: index -> the property. Fetched only
+    # when the source reads that property (see `wanted_fetches`).
+    changed: dict[int, str] = field(default_factory=dict)
+
+    def wanted_fetches(self, reads: Callable[[], Collection[str]]) -> dict[int, str]:
+        """The records to fetch: every one asked by a creation or the like, and those asked by a change
+        to a property in `reads()` (called only when a change asked). A change to a property nobody
+        reads (one our own CRM delivery wrote, echoed back) would only fetch what is already known."""
+        if not self.changed:
+            return dict(self.fetch)
+        read = reads()
+        return {i: record for i, record in self.fetch.items() if i not in self.changed or self.changed[i] in read}
 
 
 class SignatureScheme(Protocol):
@@ -299,10 +345,19 @@ class EventBuilder:
         self.keys: list[str] = []
         self.skipped: list[dict[str, Any]] = []
         self.fetch: dict[int, str] = {}
+        self.changed: dict[int, str] = {}
 
-    def add(self, index: int | str, key: str, event: dict[str, Any], *, fetch: str | None = None) -> None:
+    def add(
+        self,
+        index: int | str,
+        key: str,
+        event: dict[str, Any],
+        *,
+        fetch: str | None = None,
+        changed: str | None = None,
+    ) -> None:
         """Add one item's event under its deduplication key; `fetch` names the vendor record to fetch
-        in full after it (see `Mapped.fetch`)."""
+        in full after it, `changed` the one property whose change asks for it (see `Mapped`)."""
         if "traits" in event:
             event["traits"] = apply_mapping(event["traits"], self._mapping)
         try:
@@ -319,6 +374,8 @@ class EventBuilder:
         # The same key twice in one body is stored once; the writer answers the second as a duplicate.
         if fetch is not None:
             self.fetch[len(self.events)] = fetch
+            if changed is not None:
+                self.changed[len(self.events)] = changed
         self.events.append(parsed)
         self.keys.append(bounded_key(key))
 
@@ -326,4 +383,4 @@ class EventBuilder:
         self.skipped.append({"index": index, "reason": reason})
 
     def result(self) -> Mapped:
-        return Mapped(events=self.events, keys=self.keys, skipped=self.skipped, fetch=self.fetch)
+        return Mapped(events=self.events, keys=self.keys, skipped=self.skipped, fetch=self.fetch, changed=self.changed)

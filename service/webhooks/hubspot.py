@@ -9,9 +9,9 @@ HubSpot called with the characters of HubSpot's table decoded. v1 (`sha256(secre
 App webhook events carry ids, not the contact: a property change says which property now has which
 value. They are stored as they come and score on what arrived. When the source has an API token,
 the contact's other properties are fetched afterwards (`service.enrichment`): the mapper names the
-contacts worth fetching (`Mapped.fetch`: after a creation, a property change or a restore, not a
-deletion), and `contact_record` maps the fetched contact back to a lead event, tied to the lead by
-the external id `hubspot`.
+contacts worth fetching (`Mapped.fetch`: after a creation, a restore or a change to a property the
+source reads, `contact_properties`; not a deletion), and `contact_record` maps the fetched contact
+back to a lead event, tied to the lead by the external id `hubspot`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import datetime as dt
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from scoring.spec import PipelineSpec, TraitSource
 from service.errors import InvalidEvent, InvalidSignature
 from service.webhooks.base import (
     EventBuilder,
@@ -47,6 +48,12 @@ from service.webhooks.base import (
 )
 
 NAMESPACE = "hubspot"
+# Contact properties enrichment reads for every contact: they name the person (email) and who they
+# are to sales.
+DEFAULT_PROPERTIES = ("email", "firstname", "lastname", "company")
+# A HubSpot property's internal name; a pipeline trait with spaces ("Lead Origin") cannot be one
+# (the source's mapping says which property becomes it).
+_PROPERTY_NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 
 # HubSpot decodes these percent-escapes (and only these) in the URI before signing it (its v3
 # validation guide's table); an escape outside the table, such as %20, stays as sent.
@@ -190,11 +197,11 @@ class HubSpotMapper:
             check_count(data, max_events)
             for index, item in enumerate(data):
                 try:
-                    key, event, fetch = _app_event(item)
+                    key, event, fetch, changed = _app_event(item)
                 except Unmappable as exc:
                     out.skip(index, str(exc))
                     continue
-                out.add(index, key, event, fetch=fetch)
+                out.add(index, key, event, fetch=fetch, changed=changed)
         elif isinstance(data, dict):
             try:
                 key, event = _workflow_event(data, default_at=verified.signed_at or now)
@@ -206,9 +213,10 @@ class HubSpotMapper:
         return out.result()
 
 
-def _app_event(item: Any) -> tuple[str, dict[str, Any], str | None]:
-    """An app webhook event: its deduplication key, its canonical event, and the contact id to fetch
-    in full after it (None when the change says nothing new about the contact's properties)."""
+def _app_event(item: Any) -> tuple[str, dict[str, Any], str | None, str | None]:
+    """An app webhook event: its deduplication key, its canonical event, the contact id to fetch in
+    full after it (None when the change says nothing new about the contact's properties) and, for a
+    property change, the property (the fetch is worth it only when the source reads that one)."""
     if not isinstance(item, dict):
         raise Unmappable("not an object")
     kind = item.get("subscriptionType")
@@ -231,6 +239,7 @@ def _app_event(item: Any) -> tuple[str, dict[str, Any], str | None]:
         "occurred_at": occurred_at.isoformat(),
         "subject": subject(**{NAMESPACE: object_id}),
     }
+    changed: str | None = None
     if change == "creation":
         event |= {"type": "lead.identified", "traits": {}}
     elif change == "propertyChange":
@@ -241,12 +250,13 @@ def _app_event(item: Any) -> tuple[str, dict[str, Any], str | None]:
         if value is not None and not isinstance(value, str | int | float | bool):
             value = str(value)
         event |= {"type": "lead.updated", "traits": {name: value}}
+        changed = name
         if name == "email" and (address := email_or_none(value)):
             event["subject"]["email"] = address
     else:
         details = {k: item[k] for k in _EVENT_DETAILS if k in item}
         event |= {"type": "lead.activity", "name": _ACTIVITIES.get(change, f"HubSpot {kind}"), "properties": details}
-    return key, event, object_id if change in _FETCH_AFTER else None
+    return key, event, object_id if change in _FETCH_AFTER else None, changed
 
 
 def _workflow_event(data: dict[str, Any], *, default_at: dt.datetime) -> tuple[str, dict[str, Any]]:
@@ -314,3 +324,19 @@ def contact_record(
         return out.result()
     out.add(0, f"contact:{object_id}:{updated_at or ''}:{digest(dict(properties))[:16]}", event)
     return out.result()
+
+
+def pipeline_traits(spec: PipelineSpec) -> list[str]:
+    """The traits a pipeline reads (its trait features' sources)."""
+    return sorted({f.source.trait for f in spec.features if isinstance(f.source, TraitSource)})
+
+
+def contact_properties(config: SourceConfig, traits: Iterable[str] = ()) -> list[str]:
+    """The contact properties a source reads (enrichment asks HubSpot for these): the defaults, the
+    source's `properties`, every property its mapping renames (not those it drops), and the pipeline's
+    `traits` no mapping produces (when they can be HubSpot property names)."""
+    wanted = set(DEFAULT_PROPERTIES) | set(config.properties)
+    wanted |= {name for name, target in config.mapping.items() if target is not None}
+    produced = {target for target in config.mapping.values() if target is not None}
+    wanted |= {t for t in traits if t not in produced and _PROPERTY_NAME.match(t)}
+    return sorted(wanted)

@@ -9,16 +9,18 @@ Nothing is stored for a rejected request.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import PayloadTooLarge, UnknownSource, UnsupportedMediaType
 from service.ingest import IngestJob, IngestResult, IngestWriter
 from service.metrics import WEBHOOK_EVENTS
+from service.pipelines import Pipelines
 from service.repositories.sources import SourceRow
 from service.sources import SourceRegistry
 from service.webhooks.base import RequestLine, Verified
+from service.webhooks.hubspot import contact_properties, pipeline_traits
 from service.webhooks.schemes import mapper_for, scheme_for
 
 
@@ -112,8 +114,10 @@ async def receive(
     limits: WebhookLimits,
     now: dt.datetime,
     request: RequestLine,
+    pipelines: Callable[[], Pipelines] = Pipelines,
 ) -> Received:
-    """Verify, map and store one webhook request; raises a `LeadscoreError` for a rejection."""
+    """Verify, map and store one webhook request; raises a `LeadscoreError` for a rejection.
+    `pipelines` is what scores now: its traits are among the vendor properties a source reads."""
     checked = await verify_request(
         source_name=source_name,
         headers=headers,
@@ -139,7 +143,9 @@ async def receive(
                 event_keys=mapped.keys,
                 received_at=now,
                 # Without an API token the source scores on what arrived, as it always did.
-                fetch=mapped.fetch if source.api_token is not None else {},
+                fetch=mapped.wanted_fetches(lambda: _reads(source, pipelines()))
+                if source.api_token is not None
+                else {},
             )
         )
     except Exception as exc:
@@ -153,3 +159,9 @@ async def receive(
     if mapped.skipped:
         WEBHOOK_EVENTS.labels(label, "skipped").inc(len(mapped.skipped))
     return Received(result=result, skipped=mapped.skipped)
+
+
+def _reads(source: SourceRow, pipelines: Pipelines) -> frozenset[str]:
+    """The vendor properties a source's enrichment reads (HubSpot's contact properties)."""
+    traits = pipeline_traits(pipelines.active.compiled.spec) if pipelines.active is not None else []
+    return frozenset(contact_properties(source.config, traits))

@@ -5,7 +5,9 @@ process, so a test can give it contacts and script its answers directly.
 token it was made with, 404 for a contact it was not given, else 200 with the contact's id,
 `createdAt`, `updatedAt`, `archived` and, of its properties, those asked for (plus the three HubSpot
 always returns: `hs_object_id`, `createdate`, `lastmodifieddate`). `script(...)` makes the next
-requests answer a status (with headers) or stall first. Every request is kept in `requests`.
+requests answer a status (with headers) or stall first. `hold(...)` keeps answers back (each computed
+when its request arrives, as HubSpot reads the contact then) until `release()`, or until that many
+requests are held at once. Every request is kept in `requests`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class HubSpotApi:
         self.requests: list[dict[str, Any]] = []
         self._script: list[Step] = []
         self._lock = threading.Lock()
+        self._holding = False
+        self._hold_until: int | None = None
+        self._held = 0
+        self._released = threading.Event()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -52,6 +58,40 @@ class HubSpotApi:
     def script(self, *steps: Step) -> None:
         with self._lock:
             self._script.extend(steps)
+
+    def hold(self, until: int | None = None) -> None:
+        """Keep the answers back from now on until `release()` (or, with `until`, until that many
+        requests are held at once); a held answer is let go after a minute whatever happens."""
+        with self._lock:
+            self._holding, self._hold_until = True, until
+            self._released.clear()
+
+    def release(self) -> None:
+        with self._lock:
+            self._holding = False
+            self._released.set()
+
+    def held(self) -> int:
+        """How many requests wait for their answer now."""
+        with self._lock:
+            return self._held
+
+    async def _wait_if_held(self) -> None:
+        with self._lock:
+            if not self._holding:
+                return
+            self._held += 1
+        deadline = time.monotonic() + 60
+        try:
+            while not self._released.is_set() and time.monotonic() < deadline:
+                with self._lock:
+                    if self._hold_until is not None and self._held >= self._hold_until:
+                        self._holding = False
+                        self._released.set()
+                await asyncio.sleep(0.01)
+        finally:
+            with self._lock:
+                self._held -= 1
 
     def seen(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -88,6 +128,7 @@ class HubSpotApi:
             pass
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         step, body = self._answer(scope["method"], scope["path"], scope["query_string"].decode(), headers)
+        await self._wait_if_held()
         if step.stall_seconds:
             await asyncio.sleep(step.stall_seconds)
         data = json.dumps(body).encode()

@@ -30,12 +30,13 @@ from service.change_schemas import RoutingRulesChange
 from service.cli import main
 from service.db import create_engine, write_transaction
 from service.delivery.policy import RetryPolicy
-from service.enrichment import EnrichmentConfig, EnrichmentWorker, contact_properties, standalone_worker
+from service.enrichment import EnrichmentConfig, EnrichmentWorker, standalone_worker
 from service.repositories import enrichment as repo
 from service.repositories import qualification as qualification_repo
 from service.settings import Settings
-from service.sources import SourceError, configure_source
+from service.sources import SourceError, configure_source, list_all
 from service.webhooks.base import SourceConfig
+from service.webhooks.hubspot import contact_properties
 from tests.conftest import Db, Sender, lead_event
 from tests.peers.hubspot_api import HubSpotApi, Step
 from tests.service.qualification_env import policy, score_line, scores_of
@@ -372,8 +373,12 @@ async def test_a_burst_of_changes_to_one_contact_is_one_fetch(env: Env, db: Db, 
     assert len(env.api.seen()) == 3
 
 
-async def test_a_request_while_the_fetch_is_in_flight_fetches_again(env: Env, db: Db) -> None:
-    """The fetch in flight may have read the contact before the change that asked again."""
+@pytest.mark.parametrize(("ended", "status_code", "outcome"), [("done", 200, "fetched"), ("dead", 401, "dead")])
+async def test_a_request_while_the_fetch_is_in_flight_fetches_again(
+    env: Env, db: Db, ended: str, status_code: int, outcome: str
+) -> None:
+    """The fetch in flight may have read the contact before the change that asked again; and when it
+    was refused (a 401 while the token was being replaced), the newer request is not lost with it."""
     lead_id = uuid.uuid4()
     [source_id] = [r.id for r in await db.rows("SELECT id FROM source WHERE name = :n", n=SOURCE)]
     ask = [repo.FetchRequest(source_id, "123", lead_id)]
@@ -387,18 +392,74 @@ async def test_a_request_while_the_fetch_is_in_flight_fetches_again(env: Env, db
     assert (job.status, job.requests) == ("in_flight", 4)
 
     done = repo.FetchOutcome(
-        claimed=claimed, status="done", worker="w", started_at=t0, duration_ms=1.0, status_code=200, error=None
+        claimed=claimed, status=ended, worker="w", started_at=t0, duration_ms=1.0, status_code=status_code, error=None
     )
     async with write_transaction(env.app.state.services.engine) as conn:
         assert await repo.record_outcomes(conn, [done], now=t0) == 1
     [job] = await jobs(db)
-    assert (job.status, job.attempts) == ("pending", 0)
-    assert await attempts(db) == [(1, "fetched", 200)]
+    assert (job.status, job.attempts, job.last_status_code) == ("pending", 0, status_code)
+    assert as_time(job.next_attempt_at) <= t0
+    assert await attempts(db) == [(1, outcome, status_code)]
 
     # Recording the same claim again changes nothing: it no longer holds the job.
     async with write_transaction(env.app.state.services.engine) as conn:
         assert await repo.record_outcomes(conn, [done], now=t0) == 0
-    assert sorted(await attempts(db)) == [(1, "fetched", 200), (1, "stale", 200)]
+    assert sorted(await attempts(db)) == sorted([(1, outcome, status_code), (1, "stale", status_code)])
+
+    # Claimed again, and this time nobody asks during the fetch: it ends as it ended.
+    async with write_transaction(env.app.state.services.engine) as conn:
+        [again] = await repo.claim_due(conn, limit=5, worker="w", now=t0, lease=dt.timedelta(seconds=30))
+    async with write_transaction(env.app.state.services.engine) as conn:
+        last = repo.FetchOutcome(
+            claimed=again, status=ended, worker="w", started_at=t0, duration_ms=1.0, status_code=status_code, error=None
+        )
+        assert await repo.record_outcomes(conn, [last], now=t0) == 1
+    [job] = await jobs(db)
+    assert (job.status, job.attempts) == (ended, 1)
+
+
+async def test_a_request_committed_during_a_fetch_fetches_again(env: Env, db: Db, http: httpx.AsyncClient) -> None:
+    """Two real connections (on PostgreSQL, two sessions): the worker's claim is committed and its
+    fetch is in flight when a webhook's ingest transaction asks for the same contact and commits;
+    the worker then records its success, and the job runs once more and reads the newer contact."""
+    first = now() - dt.timedelta(minutes=5)
+    env.api.add_contact("123", CONTACT, updated_at=iso(first))
+    assert (await env.post(hs_event(1, "contact.creation", occurredAt=millis(first)))).status_code == 202
+    worker = env.worker(http)
+    env.api.hold()
+    fetching = asyncio.create_task(worker.run_once())
+    try:
+
+        async def in_flight() -> bool:
+            return env.api.held() == 1
+
+        await wait_for(in_flight)
+        # Read on a connection of its own: the claim is committed.
+        [job] = await jobs(db)
+        assert (job.status, job.requests, job.attempts) == ("in_flight", 1, 1)
+
+        later = now()
+        env.api.add_contact("123", CONTACT | {"hs_lead_status": "OPEN"}, updated_at=iso(later))
+        change = hs_event(2, propertyName="hs_lead_status", propertyValue="OPEN", occurredAt=millis(later))
+        assert (await env.post(change)).status_code == 202
+        [job] = await jobs(db)
+        assert (job.status, job.requests) == ("in_flight", 2)
+    finally:
+        env.api.release()
+        claimed = await fetching
+    assert claimed == 1
+
+    [job] = await jobs(db)
+    assert (job.status, job.attempts, job.requests) == ("pending", 0, 2)
+    assert await worker.run_once() == 1
+    [job] = await jobs(db)
+    assert (job.status, job.attempts) == ("done", 1)
+    assert await attempts(db) == [(1, "fetched", 200), (1, "fetched", 200)]
+    assert len(env.api.seen()) == 2
+    fetched = await db.rows("SELECT external_id FROM inbound_event WHERE external_id LIKE 'contact:%' ORDER BY id")
+    assert len(fetched) == 2
+    assert fetched[0].external_id.startswith(f"contact:123:{iso(first)}:")
+    assert fetched[1].external_id.startswith(f"contact:123:{iso(later)}:")
 
 
 # Retries and giving up
@@ -472,6 +533,123 @@ async def test_a_refused_fetch_gives_up_at_once(
     lead = await env.lead(answer.json()["lead_id"])
     assert lead["traits"] == {}
     assert len(lead["score_history"]) == 1
+
+
+async def configure(settings: Settings, **changes: Any) -> SourceConfig:
+    engine = create_engine(settings.database_url)
+    try:
+        return await configure_source(engine, name=SOURCE, **changes)
+    finally:
+        await engine.dispose()
+
+
+def state(value: Any) -> dict[str, Any]:
+    """An audit entry's before/after (JSON text on SQLite)."""
+    return value if isinstance(value, dict) else json.loads(value)
+
+
+async def test_a_new_token_revives_the_fetches_a_refused_token_gave_up(
+    env: Env, db: Db, http: httpx.AsyncClient
+) -> None:
+    env.api.add_contact("123", CONTACT, updated_at=iso(now()))
+    # 456 is unknown to HubSpot: a 404 is about the contact, and a new token changes nothing for it.
+    assert (await env.post(hs_event(1, "contact.creation", objectId=456, occurredAt=millis(now())))).status_code == 202
+    worker = env.worker(http)
+    assert await worker.run_once() == 1
+    env.api.token = "pat-na1-rotated"  # ours was revoked
+    assert (await env.post(hs_event(2, "contact.creation", occurredAt=millis(now())))).status_code == 202
+    assert await worker.run_once() == 1
+    assert [(j.object_id, j.status, j.last_status_code) for j in await jobs(db)] == [
+        ("123", "dead", 401),
+        ("456", "dead", 404),
+    ]
+
+    await configure(env.settings, api_token="pat-na1-rotated", reason="token rotated")
+    job, unknown = await jobs(db)
+    assert (job.status, job.attempts) == ("pending", 0)
+    assert as_time(job.next_attempt_at) <= now()  # due at once
+    assert (unknown.status, unknown.attempts) == ("dead", 1)
+    [entry] = await db.rows(
+        "SELECT before, after, reason FROM audit_entry WHERE action = 'source.configured' ORDER BY id DESC LIMIT 1"
+    )
+    assert state(entry.after)["fetches_revived"] == 1
+    assert "fetches_revived" not in state(entry.before)
+    assert entry.reason == "token rotated"
+
+    assert await worker.run_once() == 1
+    job, unknown = await jobs(db)
+    assert (job.status, job.attempts, job.last_status_code) == ("done", 1, 200)
+    assert env.api.seen()[-1]["headers"]["authorization"] == "Bearer pat-na1-rotated"
+    assert unknown.status == "dead"
+    # Setting the same token again revives nothing, and says nothing about it.
+    await configure(env.settings, api_token="pat-na1-rotated")
+    [entry] = await db.rows("SELECT after FROM audit_entry WHERE action = 'source.configured' ORDER BY id DESC LIMIT 1")
+    assert "fetches_revived" not in state(entry.after)
+
+
+async def test_a_fetch_refused_while_the_token_is_replaced_runs_again(
+    env: Env, db: Db, http: httpx.AsyncClient
+) -> None:
+    """The worker read the old token and its fetch is in flight when the new one is set: HubSpot
+    refuses the old one, and the job runs again with the new one instead of dying."""
+    env.api.add_contact("123", CONTACT, updated_at=iso(now()))
+    env.api.token = "pat-na1-rotated"
+    assert (await env.post(hs_event(1, "contact.creation", occurredAt=millis(now())))).status_code == 202
+    worker = env.worker(http)
+    env.api.hold()
+    fetching = asyncio.create_task(worker.run_once())
+    try:
+
+        async def in_flight() -> bool:
+            return env.api.held() == 1
+
+        await wait_for(in_flight)
+        await configure(env.settings, api_token="pat-na1-rotated")
+    finally:
+        env.api.release()
+        assert await fetching == 1
+    [job] = await jobs(db)
+    assert (job.status, job.attempts, job.last_status_code) == ("pending", 0, 401)
+
+    assert await worker.run_once() == 1
+    [job] = await jobs(db)
+    assert (job.status, job.last_status_code) == ("done", 200)
+    assert await attempts(db) == [(1, "dead", 401), (1, "fetched", 200)]
+    assert [r["headers"]["authorization"] for r in env.api.seen()] == [f"Bearer {TOKEN}", "Bearer pat-na1-rotated"]
+
+
+# Which changes ask for a fetch
+
+
+async def test_changes_to_properties_the_source_does_not_read_fetch_nothing(env: Env, db: Db) -> None:
+    """Our own HubSpot delivery writes the owner, the lifecycle stage and the score properties; HubSpot
+    sends those changes back as webhooks. Fetching after them would store the contact again and score
+    it again for nothing, after every handoff. Only a change to a property the source reads fetches."""
+    at = millis(now())
+    echoes = [
+        hs_event(1, propertyName="hubspot_owner_id", propertyValue="o-1", objectId=1, occurredAt=at),
+        hs_event(2, propertyName="lifecyclestage", propertyValue="marketingqualifiedlead", objectId=2, occurredAt=at),
+        hs_event(3, propertyName="leadscore_score", propertyValue="71.5", objectId=3, occurredAt=at),
+        hs_event(4, propertyName="leadscore_grade", propertyValue="B", objectId=4, occurredAt=at),
+        hs_event(5, propertyName="favourite_colour", propertyValue="red", objectId=5, occurredAt=at),
+    ]
+    answer = await env.post(*echoes)
+    assert answer.status_code == 202, answer.text
+    # Stored and scored as they came, all the same.
+    assert await db.scalar("SELECT count(*) FROM inbound_event") == len(echoes)
+    assert await jobs(db) == []
+
+    read = [
+        hs_event(11, propertyName="email", propertyValue="ana@acme.io", objectId=11, occurredAt=at),  # a default
+        hs_event(12, propertyName="hs_lead_status", propertyValue="OPEN", objectId=12, occurredAt=at),  # `properties`
+        hs_event(13, propertyName="leadorigin", propertyValue="API", objectId=13, occurredAt=at),  # mapped
+        hs_event(14, propertyName="Country", propertyValue="PT", objectId=14, occurredAt=at),  # the pipeline's trait
+        hs_event(15, "contact.creation", objectId=15, occurredAt=at),
+        hs_event(16, "contact.restore", objectId=16, occurredAt=at),
+        hs_event(17, "contact.deletion", objectId=17, occurredAt=at),
+    ]
+    assert (await env.post(*read)).status_code == 202
+    assert [j.object_id for j in await jobs(db)] == ["11", "12", "13", "14", "15", "16"]
 
 
 # Configuration
@@ -559,6 +737,93 @@ async def test_only_a_hubspot_source_takes_a_token_and_a_sane_one(settings: Sett
             await configure_source(engine, name=SOURCE, properties=["job title"])
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://api.hubapi.com", "https only"),
+        ("http://10.0.0.7:8080", "https only"),
+        ("ftp://api.hubapi.com", "https:// URL"),
+        ("https://user:pass@api.hubapi.com", "user or password"),
+        ("https://api.hubapi.com@collector.example", "user or password"),
+        ("https://api.hubapi.com/?next=1", "query or fragment"),
+        ("https://api.hubapi.com/#x", "query or fragment"),
+        ("https://api.hubapi.com:99999", "not a URL"),
+        ("https://api.hubapi.com\n", "whitespace"),
+    ],
+)
+async def test_the_api_base_url_is_https_or_this_machine(
+    settings: Settings, api: HubSpotApi, url: str, problem: str
+) -> None:
+    """The API token is sent to it as a bearer token."""
+    await hubspot_source(settings, api, token=None)
+    with pytest.raises(SourceError, match=problem):
+        await configure(settings, api_base_url=url)
+    for fine in (
+        "https://api.hubapi.com/",
+        "https://eu1.api.example:8443/hubspot",
+        "http://localhost:9",
+        "http://[::1]:9",
+    ):
+        assert (await configure(settings, api_base_url=fine)).api_base_url == fine
+
+
+async def test_a_new_api_base_url_takes_the_token_again_or_clears_it(settings: Settings, api: HubSpotApi) -> None:
+    """The token is never sent to a host it was not given for."""
+    await hubspot_source(settings, api)
+    with pytest.raises(SourceError, match="give the token again"):
+        await configure(settings, api_base_url="https://api.hubapi.com")
+    # Other changes keep the token, and the same URL is no change.
+    await configure(settings, properties=["jobtitle"], api_base_url=api.url)
+    assert (await configure(settings, api_token=TOKEN, api_base_url="https://api.hubapi.com")).api_base_url == (
+        "https://api.hubapi.com"
+    )
+    await configure(settings, api_base_url=api.url, clear_api_token=True)
+    engine = create_engine(settings.database_url)
+    try:
+        [row] = [r for r in await list_all(engine) if r.name == SOURCE]
+    finally:
+        await engine.dispose()
+    assert (row.config.api_base_url, row.api_token) == (api.url, None)
+    # Without a token there is nothing to redirect.
+    await configure(settings, api_base_url="https://api.hubapi.com")
+
+
+async def test_fetches_never_wait_for_a_connection_of_the_delivery_pool(
+    settings: Settings, trained: Any, api: HubSpotApi, db: Db
+) -> None:
+    """Enrichment has its own HTTP client in the service, its pool sized for its fetches: a delivery
+    pool sized for one delivery does not make three of four fetches wait (and time out, counted as
+    failed attempts). The peer answers only once four requests are in at once."""
+    in_process = settings.model_copy(
+        update={
+            "delivery_in_process": True,
+            "delivery_concurrency": 1,
+            "delivery_timeout_seconds": 30.0,
+            "enrichment_concurrency": 4,
+            "enrichment_poll_seconds": 0.05,
+        }
+    )
+    await register(in_process, trained)
+    secret = await hubspot_source(in_process, api)
+    ids = ["11", "12", "13", "14"]
+    for contact_id in ids:
+        api.add_contact(contact_id, CONTACT | {"email": f"c{contact_id}@acme.io"}, updated_at=iso(now()))
+    api.hold(until=len(ids))
+    async with open_env(in_process, api, secret) as env:
+        # One body: the four jobs are asked for in one transaction, so the worker claims them together.
+        creations = [
+            hs_event(i, "contact.creation", objectId=int(c), occurredAt=millis(now())) for i, c in enumerate(ids)
+        ]
+        assert (await env.post(*creations)).status_code == 202
+
+        async def all_fetched() -> bool:
+            return [j.status for j in await jobs(db)] == ["done"] * len(ids)
+
+        await wait_for(all_fetched, timeout=120.0)
+    assert await attempts(db) == [(1, "fetched", 200)] * len(ids)
+    assert len(api.seen()) == len(ids)
 
 
 # The token stays secret

@@ -322,5 +322,9 @@ def test_the_mapper_names_the_contacts_worth_fetching_after_each_event() -> None
     # Indexes into the mapped events (the deal event was skipped): creation, property change, restore.
     assert mapped.fetch == {0: "7", 1: "3", 4: "11"}
     assert [mapped.events[i].subject.external_ids["hubspot"] for i in mapped.fetch] == ["7", "3", "11"]
+    # The property change asks only if the source reads the property (`contact_properties` says which).
+    assert mapped.changed == {1: "jobtitle"}
+    assert mapped.wanted_fetches(lambda: {"email", "jobtitle"}) == {0: "7", 1: "3", 4: "11"}
+    assert mapped.wanted_fetches(lambda: {"email", "lifecyclestage"}) == {0: "7", 4: "11"}
     workflow = json.dumps({"vid": 451, "properties": {"email": {"value": "bo@acme.io"}}}).encode()
     assert HubSpotMapper().map(workflow, verified=verified, config=DEFAULT_CONFIG, now=now, max_events=1).fetch == {}
