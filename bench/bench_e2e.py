@@ -368,6 +368,9 @@ def main() -> None:
     workers: Workers | None = None
     try:
         env = delivery_env(db_url, tmp, peer.url)
+        # The tests read sources afresh on every request (cache 0); a deployment caches them (the
+        # default), and without it every webhook costs a pool checkout and a query before any work.
+        env.pop("LEADSCORE_SOURCE_CACHE_SECONDS")
         if args.poll_seconds is not None:
             env["LEADSCORE_DELIVERY_POLL_SECONDS"] = str(args.poll_seconds)
         subprocess.run([BIN / "leadscore", "migrate"], env=env, check=True, capture_output=True)
