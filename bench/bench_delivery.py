@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--peer-processes", type=int, default=2, help="uvicorn workers of the CRM peer")
     parser.add_argument("--sqlite", action="store_true", help="one worker on a SQLite file instead of PostgreSQL")
     args = parser.parse_args()
+    # SIGTERM (kill, a CI timeout) ends the run through its `finally`: the servers it started are
+    # stopped and its database dropped, instead of being left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     tmp = Path(tempfile.mkdtemp(prefix="leadscore-bench-delivery-"))
     base = os.environ.get("LEADSCORE_BENCH_DATABASE_URL", DEFAULT_PG)

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -357,6 +358,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3, help="seconds sent at the rate before the runs, unmeasured")
     parser.add_argument("--drain", type=float, default=60, help="seconds to wait for the last deliveries of a run")
     args = parser.parse_args()
+    # SIGTERM (kill, a CI timeout) ends the run through its `finally`: the servers it started are
+    # stopped and its database dropped, instead of being left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     base = os.environ.get("LEADSCORE_BENCH_DATABASE_URL", DEFAULT_PG)
     db_name = f"leadscore_bench_e2e_{os.getpid()}"

@@ -213,6 +213,9 @@ def main() -> None:
         help="ceiling (bare FastAPI), ingest (no pipeline active), ingest+score (demo pipeline active)",
     )
     args = parser.parse_args()
+    # SIGTERM (kill, a CI timeout) ends the run through its `finally`: the servers it started are
+    # stopped and its database dropped, instead of being left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install wrk")
 
