@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
 import orjson
 
@@ -111,9 +112,10 @@ async def send(
         response = await client.request(
             method, url, content=content, headers={"content-type": "application/json", **headers}
         )
-    except httpx.TimeoutException as exc:
+    except (httpx.TimeoutException, TimeoutError) as exc:
         raise CrmTransportError(f"timed out: {type(exc).__name__}") from None
-    except httpx.TransportError as exc:
+    except (httpx.TransportError, aiohttp.ClientError) as exc:
+        # The aiohttp transport maps aiohttp's errors to httpx's, but not every one of them.
         raise CrmTransportError(f"transport error: {type(exc).__name__}: {exc}") from None
     return response, time.perf_counter() - started
 
