@@ -17,6 +17,7 @@ import click
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service import console
 from service import migrate as migrations
 from service.auth import ROLES, Principal, create_key, list_keys, revoke_key
 from service.change_schemas import ChangeRequestRead
@@ -75,8 +76,12 @@ def _with_engine(fn: Callable[[AsyncEngine], Awaitable[T]]) -> T:
 
 
 @click.group()
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Leadscore: lead scoring and routing. Settings come from LEADSCORE_* variables."""
+    if ctx.invoked_subcommand != "worker":
+        # Only the worker honours a stop asked for while the process was starting (service.console).
+        console.release()
     settings = Settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
 
@@ -858,16 +863,20 @@ def worker(concurrency: int | None, metrics_port: int | None) -> None:
     settings = Settings()
 
     async def run() -> None:
+        # The loop's handlers first (they replace service.console's): from here a stop ends the
+        # worker through `run_until`, which finishes what is in flight.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if console.stop_requested():
+            return  # stopped while starting: nothing was claimed, so nothing to finish
         engine = create_engine(settings.database_url, pool_size=2)
         try:
             delivery, client = build_worker(engine, settings, concurrency=concurrency)
         except InvalidDestinations as exc:
             await engine.dispose()
             raise click.ClickException(str(exc)) from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
 
         async def gauges() -> None:
             while True:
