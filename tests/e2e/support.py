@@ -149,14 +149,25 @@ class Workers:
     def logs(self) -> list[Path]:
         return [self.workdir / f"worker-{i}.log" for i in range(len(self.procs))]
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, *, log_level: str | None = None) -> subprocess.Popen[bytes]:
+        """A worker process; at `log_level` "INFO" its log says when it is up (`wait_started`), and
+        logs each request it sends."""
+        env = self.env if log_level is None else self.env | {"LEADSCORE_LOG_LEVEL": log_level}
         log = (self.workdir / f"worker-{len(self.procs)}.log").open("w")
         proc = subprocess.Popen(
-            [BIN / "leadscore", "worker", "--concurrency", "16"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [BIN / "leadscore", "worker", "--concurrency", "16"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         self.procs.append(proc)
         return proc
+
+    def wait_started(self, proc: subprocess.Popen[bytes]) -> None:
+        """Until the log of `proc` (started at INFO level) says its delivery worker runs: a SIGTERM from
+        then on stops a running worker, which finishes what it has in flight."""
+        log = self.logs[self.procs.index(proc)]
+        started = "delivery worker started"
+        wait_until(started, lambda: proc.poll() is not None or started in log.read_text(), timeout=120, logs=[log])
+        assert proc.poll() is None, log.read_text()
 
     def stop_all(self) -> list[int]:
         codes = []

@@ -111,7 +111,7 @@ def test_signed_events_become_exactly_routed_crm_handoffs_through_failures(
         wait_until("deliveries under way", lambda: peer.count() >= 60 or sent.done(), timeout=180, logs=logs)
         workers.procs[0].send_signal(signal.SIGKILL)
         assert workers.procs[0].wait(timeout=10) == -signal.SIGKILL
-        workers.start()
+        replacement = workers.start(log_level="INFO")
         peer.stop()  # the CRM is down for a while
         time.sleep(1.5)
         peer.start()
@@ -131,6 +131,10 @@ def test_signed_events_become_exactly_routed_crm_handoffs_through_failures(
         # The killed worker had delivered, and another process finished its work. (Which of the others
         # did is up to the race for rows: on PostgreSQL the second worker may take them all.)
         assert db.run(workers_seen) >= 2
+        # The replacement can still be starting (importing the CLI takes seconds on a busy machine)
+        # when the others have delivered everything: the stop below is for running workers, which
+        # finish what they have in flight. (A worker stopped while starting: test_worker_signals.)
+        workers.wait_started(replacement)
     finally:
         codes = workers.stop_all()
         server.stop()
