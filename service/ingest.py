@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import structlog
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -28,15 +29,17 @@ from service.handoff import NO_TARGETS, HandoffTargets
 from service.identity import Resolver
 from service.ids import uuid7
 from service.metrics import DB_ERRORS, GROUP_COMMIT_EVENTS
-from service.pipelines import Pipelines, score_leads
+from service.pipelines import Pipelines, profile_of, score_profiles, scores_anything
 from service.qualification import LoadedPolicy, decide_after_scores, record_transitions, transition_row
 from service.repositories import enrichment as enrichment_repo
 from service.repositories import ingest as repo
 from service.repositories import pipelines as pipelines_repo
 from service.repositories import qualification as qualification_repo
+from service.repositories.pipelines import ActivityRow
 
 log = structlog.get_logger(__name__)
 NO_PIPELINES = Pipelines()
+ACTIVITY = "lead.activity"
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,7 @@ async def write_batch(
         [repo.lock_key("event", str(s), k) for s, k in event_refs]
         + [repo.lock_key("identity", ns, v) for ns, v in identity_keys],
     )
-    stored = await repo.find_events(conn, event_refs)
-
-    identities, leads, merged = await repo.find_and_lock_leads(conn, identity_keys)
+    stored, identities, leads, merged = await repo.find_events_and_leads(conn, event_refs, identity_keys)
     # Leads merged away by a transaction we waited for: load their survivors too.
     pending = set(merged.values()) - leads.keys()
     while pending:
@@ -185,30 +186,12 @@ async def write_batch(
 
     for row in event_rows:
         row["lead_id"] = resolver.final(row["lead_id"])
-    new_leads = [s for s in resolver.leads.values() if s.is_new]
-    await repo.insert_requests(conn, request_rows)
-    await repo.insert_leads(conn, new_leads, now)
-    await repo.insert_identities(conn, {k: resolver.final(v) for k, v in resolver.new_identities.items()}, now)
-    await repo.record_merges(conn, resolver.merges, now)
-    await repo.insert_events(conn, event_rows)
-    # Fetching the full record is the enrichment worker's: here only the durable request for it.
-    await enrichment_repo.request_fetches(
-        conn,
-        [enrichment_repo.FetchRequest(source, record, resolver.final(lead)) for source, record, lead in fetches],
-        now=now,
-    )
-
     # The event rows carry final lead ids; the last new event of a lead is what triggered its score.
     triggers = {row["lead_id"]: row["id"] for row in event_rows}
-    records = await score_leads(
-        conn,
-        pipelines=pipelines,
-        traits={lead_id: resolver.leads[lead_id].traits for lead_id in triggers},
-        trigger=triggers,
-        now=now,
-        lookback=lookback,
+    score_rows, records = await _score(
+        conn, resolver, event_rows, triggers, pipelines=pipelines, now=now, lookback=lookback
     )
-    # Qualification: the policy decides in memory; a stage that moves rides on the lead update
+    # Qualification: the policy decides in memory; a stage that moves rides on the lead rows written
     # below (no statement of its own), and the transitions are one insert for the batch.
     transitions = merged_stages(resolver, now)
     if policy is not None and records:
@@ -219,8 +202,25 @@ async def write_batch(
         state = resolver.leads[transition["lead_id"]]
         state.stage = transition["to_stage"]
         moved.add(state.id)
-    await repo.update_leads(
-        conn, [s for s in resolver.leads.values() if (s.changed and not s.is_new) or s.id in moved], now
+    await repo.write_rows(
+        conn,
+        requests=request_rows,
+        new_leads=[s for s in resolver.leads.values() if s.is_new],
+        identities={k: resolver.final(v) for k, v in resolver.new_identities.items()},
+        events=event_rows,
+        scores=score_rows,
+        changed_leads=[s for s in resolver.leads.values() if not s.is_new and (s.changed or s.id in moved)],
+        stage_moved=moved,
+        now=now,
+    )
+    # After the rows above: a merge moves the merged lead's identities, events and outcomes to the
+    # survivor and marks the merged lead, which may be new in this batch.
+    await repo.record_merges(conn, resolver.merges, now)
+    # Fetching the full record is the enrichment worker's: here only the durable request for it.
+    await enrichment_repo.request_fetches(
+        conn,
+        [enrichment_repo.FetchRequest(source, record, resolver.final(lead)) for source, record, lead in fetches],
+        now=now,
     )
     await record_transitions(conn, transitions, now=now, handoff=handoff, lead_rows_written=True)
     results = [
@@ -245,6 +245,53 @@ async def write_batch(
         result.scores.update({lead_id: _summary(records[lead_id]) for lead_id in result.lead_ids if lead_id in records})
         result.stages.update({lead_id: stages[lead_id] for lead_id in result.lead_ids if lead_id in stages})
     return results
+
+
+async def _score(
+    conn: AsyncConnection,
+    resolver: Resolver,
+    event_rows: list[dict[str, Any]],
+    triggers: Mapping[uuid.UUID, uuid.UUID],
+    *,
+    pipelines: Pipelines,
+    now: dt.datetime,
+    lookback: dt.timedelta,
+) -> tuple[list[dict[str, Any]], dict[uuid.UUID, dict[str, Any]]]:
+    """Score every lead an event touched with the active (and shadow) pipeline, before anything of
+    the batch is written: its activities are the stored ones (a merged lead's count for its
+    survivor) and the batch's new ones. Returns the score rows and the active pipeline's per lead."""
+    if not scores_anything(pipelines) or not triggers:
+        return [], {}
+    since = now - lookback
+    activities: dict[uuid.UUID, list[ActivityRow]] = {lead_id: [] for lead_id in triggers}
+    stored = [
+        lead_id for lead_id, state in resolver.leads.items() if not state.is_new and resolver.final(lead_id) in triggers
+    ]
+    for row in await pipelines_repo.lead_activities(conn, stored, since=since):
+        activities[resolver.final(row.lead_id)].append(row)
+    added: set[uuid.UUID] = set()
+    for event in event_rows:
+        if event["type"] == ACTIVITY and event["occurred_at"] >= since:
+            lead_id = event["lead_id"]
+            activities[lead_id].append(
+                ActivityRow(
+                    lead_id, event["name"], event["occurred_at"].astimezone(dt.UTC), event["payload"], event["id"]
+                )
+            )
+            added.add(lead_id)
+    for lead_id in added:
+        # As the database orders them: the same profile as reading them back after the insert.
+        activities[lead_id].sort(key=_activity_order)
+    return score_profiles(
+        pipelines,
+        {lead_id: profile_of(resolver.leads[lead_id].traits, activities[lead_id]) for lead_id in triggers},
+        trigger=triggers,
+        now=now,
+    )
+
+
+def _activity_order(row: ActivityRow) -> tuple[dt.datetime, uuid.UUID]:
+    return row.occurred_at, row.id
 
 
 def merged_stages(resolver: Resolver, now: dt.datetime) -> list[dict[str, Any]]:
@@ -358,13 +405,13 @@ class IngestWriter:
         try:
             results = await self._write([job for job, _ in live], held)
         except Exception as exc:
-            if len(live) > 1 and isinstance(exc, DBAPIError) and not exc.connection_invalidated:
+            if len(live) > 1 and _statement_failed(exc):
                 # One bad job must not fail its neighbours: write each on its own.
                 log.warning("group commit failed; retrying jobs one by one", error=str(exc), jobs=len(live))
                 for item in live:
                     await self._commit([item], held)
                 return
-            storage_down = isinstance(exc, DBAPIError | OSError | TimeoutError)
+            storage_down = isinstance(exc, DBAPIError | asyncpg.PostgresError | OSError | TimeoutError)
             if storage_down:
                 DB_ERRORS.labels(operation="ingest").inc()
                 log.error("ingest write failed", error=str(exc))
@@ -385,29 +432,72 @@ class IngestWriter:
         reused = bool(held)
         try:
             return await self._write_on(jobs, held)
-        except DBAPIError as exc:
-            if not (reused and exc.connection_invalidated):
+        except (DBAPIError, asyncpg.PostgresError, OSError) as exc:
+            if not (reused and _connection_lost(exc)):
                 raise
             # The kept connection went stale (database restarted): one more try on a fresh one.
             return await self._write_on(jobs, held)
 
     async def _write_on(self, jobs: list[IngestJob], held: list[AsyncConnection]) -> list[IngestResult]:
         if not held:
-            held.append(await writer_connection(self._engine))
+            held.append(await _writer_connection(self._engine))
         conn = held[0]
+        raw = (await conn.get_raw_connection()).driver_connection if conn.dialect.name == "postgresql" else None
         try:
-            async with conn.begin():
-                return await write_batch(
-                    conn,
-                    jobs,
-                    self._clock(),
-                    pipelines=self._pipelines(),
-                    policy=self._policy(),
-                    lookback=self._lookback,
-                    handoff=self._handoff,
-                )
+            if raw is None:
+                async with conn.begin():
+                    return await self._batch(conn, jobs)
+            # The batch's first statement (`lock_names`) begins the transaction on the driver.
+            results = await self._batch(conn, jobs)
+            if raw.is_in_transaction():
+                await raw.execute("COMMIT")
+            return results
         except BaseException:
             held.clear()
+            if raw is not None:
+                # SQLAlchemy does not know of the driver's transaction (its reset on return would
+                # leave it open): end it here, and drop the connection rather than pool it.
+                with contextlib.suppress(Exception):
+                    if raw.is_in_transaction():
+                        await raw.execute("ROLLBACK")
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
             with contextlib.suppress(Exception):
                 await conn.close()
             raise
+
+    async def _batch(self, conn: AsyncConnection, jobs: list[IngestJob]) -> list[IngestResult]:
+        return await write_batch(
+            conn,
+            jobs,
+            self._clock(),
+            pipelines=self._pipelines(),
+            policy=self._policy(),
+            lookback=self._lookback,
+            handoff=self._handoff,
+        )
+
+
+async def _writer_connection(engine: AsyncEngine) -> AsyncConnection:
+    """The writer's own connection. On PostgreSQL its batches are transactions begun and committed
+    on the driver: SQLAlchemy is set to leave transactions alone (AUTOCOMMIT, which its asyncpg
+    adapter takes as "begin nothing"), so its statements on the rarer paths (merges, stage
+    transitions) run inside the driver's transaction like the rest. SQLAlchemy's begin and commit
+    and the statement that began its transaction were a third of a batch's fixed cost in the
+    client, and BEGIN now rides with the batch's first statement."""
+    conn = await writer_connection(engine)
+    if conn.dialect.name == "postgresql":
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+    return conn
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated
+    return isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.exceptions.AdminShutdownError)
+
+
+def _statement_failed(exc: BaseException) -> bool:
+    """A statement of the batch was refused (a constraint, a value too long): another batch may be
+    fine, the connection is."""
+    return isinstance(exc, DBAPIError | asyncpg.PostgresError) and not _connection_lost(exc)

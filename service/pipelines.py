@@ -246,17 +246,39 @@ async def score_leads(
 
     Returns the active pipeline's record per lead (empty when no pipeline is active).
     """
-    targets = [p for p in (pipelines.active, pipelines.shadow) if p is not None]
-    if not targets or not traits:
+    if not scores_anything(pipelines) or not traits:
         return {}
     lead_ids = list(traits)
     activities: dict[uuid.UUID, list[Any]] = {lead_id: [] for lead_id in lead_ids}
     for row in await repo.lead_activities(conn, lead_ids, since=now - lookback):
         activities[row.lead_id].append(row)
+    rows, active = score_profiles(
+        pipelines,
+        {lead_id: profile_of(traits[lead_id], activities[lead_id]) for lead_id in lead_ids},
+        trigger=trigger,
+        now=now,
+    )
+    await repo.insert_scores(conn, rows)
+    return active
+
+
+def scores_anything(pipelines: Pipelines) -> bool:
+    return pipelines.active is not None or pipelines.shadow is not None
+
+
+def score_profiles(
+    pipelines: Pipelines,
+    profiles: Mapping[uuid.UUID, LeadProfile],
+    *,
+    trigger: Mapping[uuid.UUID, uuid.UUID | None],
+    now: dt.datetime,
+) -> tuple[list[dict[str, Any]], dict[uuid.UUID, dict[str, Any]]]:
+    """The `score_record` rows for each lead's profile by the active (and shadow) pipeline, and the
+    active pipeline's row per lead; stores nothing (the caller writes the rows)."""
+    targets = [p for p in (pipelines.active, pipelines.shadow) if p is not None]
     rows: list[dict[str, Any]] = []
     active: dict[uuid.UUID, dict[str, Any]] = {}
-    for lead_id in lead_ids:
-        profile = profile_of(traits[lead_id], activities[lead_id])
+    for lead_id, profile in profiles.items():
         for pipeline in targets:
             shadow = pipeline is not pipelines.active
             record = score_row(
@@ -270,8 +292,7 @@ async def score_leads(
             rows.append(record)
             if not shadow:
                 active[lead_id] = record
-    await repo.insert_scores(conn, rows)
-    return active
+    return rows, active
 
 
 # --- ops use cases -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import datetime as dt
 import functools
 import hashlib
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -24,6 +24,7 @@ from service.repositories.tables import (
     lead_identity,
     lead_merge,
     outcome,
+    score_record,
 )
 
 # Larger IN lists are split so no statement exceeds SQLite's bound-parameter limit.
@@ -105,9 +106,23 @@ _LOCK = sa.text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigin
 
 async def lock_names(conn: AsyncConnection, keys: Iterable[int]) -> None:
     """Take transaction-scoped advisory locks on PostgreSQL, in a fixed order (no deadlock between
-    batches). SQLite needs none: `BEGIN IMMEDIATE` already serialises writers."""
+    batches). SQLite needs none: `BEGIN IMMEDIATE` already serialises writers.
+
+    Where the transaction has not begun yet, this is its first statement: on the ingest writer's
+    connection (AUTOCOMMIT to SQLAlchemy, see `service.ingest`) the lock and BEGIN go to the driver
+    in one round trip; otherwise the lock begins SQLAlchemy's transaction."""
     ordered = sorted(set(keys))
     if conn.dialect.name != "postgresql":
+        return
+    raw = (await conn.get_raw_connection()).driver_connection
+    if raw is not None and raw.is_in_transaction():
+        if ordered:
+            await raw.execute(_PG_LOCK, ordered)
+        return
+    if raw is not None and _autocommit(conn):
+        # Two statements in one simple-protocol message; the keys are integers written into its
+        # text (nothing from outside).
+        await raw.execute("BEGIN; " + _pg_lock_literal(ordered) if ordered else "BEGIN")
         return
     if not ordered:
         # Nothing to lock (a vendor body that mapped to no event): the transaction must still begin
@@ -117,17 +132,32 @@ async def lock_names(conn: AsyncConnection, keys: Iterable[int]) -> None:
     await conn.execute(_LOCK, {"keys": ordered})
 
 
+_PG_LOCK = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS t(k)"
+
+
+def _autocommit(conn: AsyncConnection) -> bool:
+    sync = conn.sync_connection
+    return sync is not None and sync.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+
+
+def _pg_lock_literal(keys: Sequence[int]) -> str:
+    return (
+        "SELECT pg_advisory_xact_lock(k) FROM unnest('{" + ",".join(map(str, map(int, keys))) + "}'::bigint[]) AS t(k)"
+    )
+
+
 async def driver(conn: AsyncConnection) -> Any:
     """The asyncpg connection under `conn`, for the PostgreSQL hot path.
 
     Each statement through SQLAlchemy costs about twice the client CPU of the same statement on
-    asyncpg (measured: 160 vs 80 us), and the ingest writer runs ten per batch. The statements run
-    inside the transaction SQLAlchemy began (its first statement, `lock_names`, starts it), so
-    SQLAlchemy's commit or rollback covers them.
+    asyncpg (measured: 160 vs 80 us). The statements run inside the transaction the batch's first
+    statement (`lock_names`) began: on the driver for the ingest writer (its connection is
+    AUTOCOMMIT to SQLAlchemy, and the writer commits on the driver), else SQLAlchemy's, whose commit
+    or rollback then covers them.
     """
     raw = (await conn.get_raw_connection()).driver_connection
     if raw is None or not raw.is_in_transaction():
-        raise RuntimeError("driver statements need the transaction that SQLAlchemy began")
+        raise RuntimeError("driver statements need the transaction that lock_names began")
     return raw
 
 
@@ -138,17 +168,10 @@ def _grouped(keys: Iterable[tuple[Any, str]]) -> dict[Any, list[str]]:
     return groups
 
 
-async def find_events(
+async def _sqlite_find_events(
     conn: AsyncConnection, keys: Sequence[tuple[int, str]]
 ) -> dict[tuple[int, str], tuple[uuid.UUID, uuid.UUID]]:
-    """Events already stored under `(source_id, external_id)`: their id and lead id."""
     found: dict[tuple[int, str], tuple[uuid.UUID, uuid.UUID]] = {}
-    if conn.dialect.name == "postgresql":
-        raw = await driver(conn)
-        for source_id, external_ids in _grouped(keys).items():
-            for external_id, event_id, lead_id in await raw.fetch(_PG_FIND_EVENTS, source_id, external_ids):
-                found[(source_id, external_id)] = (event_id, lead_id)
-        return found
     statement = _SqliteStatements.find_events
     for source_id, external_ids in _grouped(keys).items():
         for chunk in _chunks(external_ids):
@@ -158,41 +181,78 @@ async def find_events(
     return found
 
 
-_PG_FIND_EVENTS = (
-    "SELECT external_id, id, lead_id FROM inbound_event WHERE source_id = $1 AND external_id = ANY($2::text[])"
-)
 _PG_LEAD_COLUMNS = (
     "l.id, l.created_at, l.traits, l.trait_times, l.first_event_at, l.last_event_at, l.merged_into_id, l.stage"
 )
+# One row per lead with the identities it owns (a lead named by its email and its CRM id came
+# twice, its traits sent, decoded and thrown away once more).
 _PG_FIND_AND_LOCK = (
-    f"SELECT i.namespace, i.value, {_PG_LEAD_COLUMNS} FROM lead_identity i "
-    "JOIN unnest($1::text[], $2::text[]) AS k(ns, v) ON i.namespace = k.ns AND i.value = k.v "
-    "JOIN lead l ON l.id = i.lead_id ORDER BY l.id FOR UPDATE OF l"
+    f"SELECT m.namespaces, m.vals, {_PG_LEAD_COLUMNS} FROM ("
+    "SELECT i.lead_id, array_agg(i.namespace) AS namespaces, array_agg(i.value) AS vals FROM lead_identity i "
+    "JOIN unnest($1::text[], $2::text[]) AS k(ns, v) ON i.namespace = k.ns AND i.value = k.v GROUP BY i.lead_id) AS m "
+    "JOIN lead l ON l.id = m.lead_id ORDER BY l.id FOR UPDATE OF l"
 )
 _PG_LOCK_LEADS = f"SELECT {_PG_LEAD_COLUMNS} FROM lead l WHERE l.id = ANY($1::uuid[]) ORDER BY l.id FOR UPDATE"
+# The locked leads' rows, then the stored events' rows, told apart by which columns are null.
+_PG_FIND_ALL = (
+    f"WITH owners AS ({_PG_FIND_AND_LOCK.replace('$1', '$3').replace('$2', '$4')}) "
+    "SELECT namespaces, vals, id, created_at, traits, trait_times, first_event_at, last_event_at, merged_into_id, "
+    "stage, NULL::bigint AS source_id, NULL::text AS external_id, NULL::uuid AS event_id, NULL::uuid AS event_lead_id "
+    "FROM owners UNION ALL "
+    "SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, e.source_id, e.external_id, e.id, e.lead_id "
+    "FROM inbound_event e JOIN unnest($1::bigint[], $2::text[]) AS k(s, x) ON e.source_id = k.s AND e.external_id = k.x"
+)
 
 
-async def find_and_lock_leads(
-    conn: AsyncConnection, keys: Sequence[Identity]
-) -> tuple[dict[Identity, uuid.UUID], dict[uuid.UUID, LeadState], dict[uuid.UUID, uuid.UUID]]:
-    """In one statement: which lead owns each identity, and those leads, locked in id order.
+async def find_events_and_leads(
+    conn: AsyncConnection, event_refs: Sequence[tuple[int, str]], identity_keys: Sequence[Identity]
+) -> tuple[
+    dict[tuple[int, str], tuple[uuid.UUID, uuid.UUID]],
+    dict[Identity, uuid.UUID],
+    dict[uuid.UUID, LeadState],
+    dict[uuid.UUID, uuid.UUID],
+]:
+    """What the batch finds before it resolves anything, on PostgreSQL in one statement: the events
+    already stored under `(source_id, external_id)` (their id and lead id), which lead owns each
+    identity, and those leads, locked in id order.
 
-    Returns `(identity -> lead id, lead states, {merged id: survivor id})`; the last lists leads
-    that a concurrent transaction merged away while we waited for their lock.
+    Returns `(stored events, identity -> lead id, lead states, {merged id: survivor id})`; the last
+    lists leads that a concurrent transaction merged away while we waited for their lock.
     """
+    if conn.dialect.name != "postgresql":
+        found = await _sqlite_find_events(conn, event_refs)
+        return (found, *await _sqlite_find_leads(conn, identity_keys))
+    refs = sorted(set(event_refs))
+    unique = sorted(set(identity_keys))
+    stored: dict[tuple[int, str], tuple[uuid.UUID, uuid.UUID]] = {}
     identities: dict[Identity, uuid.UUID] = {}
     states: dict[uuid.UUID, LeadState] = {}
     merged: dict[uuid.UUID, uuid.UUID] = {}
-    unique = sorted(set(keys))
-    if conn.dialect.name == "postgresql":
-        raw = await driver(conn)
-        for record in await raw.fetch(_PG_FIND_AND_LOCK, [ns for ns, _ in unique], [v for _, v in unique]):
-            identities[(record["namespace"], record["value"])] = record["id"]
-            _keep(record, states, merged)
-        return identities, states, merged
-    statement = _SqliteStatements.find_leads
-    for chunk in _chunks(unique):
-        for row in await conn.execute(statement, {"identities": list(chunk)}):
+    records = await (await driver(conn)).fetch(
+        _PG_FIND_ALL,
+        [source for source, _ in refs],
+        [external for _, external in refs],
+        [ns for ns, _ in unique],
+        [v for _, v in unique],
+    )
+    for record in records:
+        if record["id"] is None:
+            stored[(record["source_id"], record["external_id"])] = (record["event_id"], record["event_lead_id"])
+            continue
+        for identity in zip(record["namespaces"], record["vals"], strict=True):
+            identities[identity] = record["id"]
+        _keep(record, states, merged)
+    return stored, identities, states, merged
+
+
+async def _sqlite_find_leads(
+    conn: AsyncConnection, keys: Sequence[Identity]
+) -> tuple[dict[Identity, uuid.UUID], dict[uuid.UUID, LeadState], dict[uuid.UUID, uuid.UUID]]:
+    identities: dict[Identity, uuid.UUID] = {}
+    states: dict[uuid.UUID, LeadState] = {}
+    merged: dict[uuid.UUID, uuid.UUID] = {}
+    for chunk in _chunks(sorted(set(keys))):
+        for row in await conn.execute(_SqliteStatements.find_leads, {"identities": list(chunk)}):
             identities[(row.namespace, row.value)] = row.id
             _keep(row._mapping, states, merged)
     return identities, states, merged
@@ -218,7 +278,7 @@ def _keep(row: Mapping[Any, Any], states: dict[uuid.UUID, LeadState], merged: di
 async def lock_leads(
     conn: AsyncConnection, ids: Iterable[uuid.UUID]
 ) -> tuple[dict[uuid.UUID, LeadState], dict[uuid.UUID, uuid.UUID]]:
-    """Lock and load leads by id (in id order), as `find_and_lock_leads` does."""
+    """Lock and load leads by id (in id order), as `find_events_and_leads` does."""
     states: dict[uuid.UUID, LeadState] = {}
     merged: dict[uuid.UUID, uuid.UUID] = {}
     if conn.dialect.name == "postgresql":
@@ -315,55 +375,179 @@ def _pg_json_insert(table: sa.Table, columns: tuple[str, ...], ignore_conflicts:
     )
 
 
-async def insert_requests(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    await bulk_insert(conn, inbound_request, rows)
+def _new_lead_rows(
+    leads: Sequence[LeadState], now: dt.datetime, stage_moved: Collection[uuid.UUID]
+) -> list[dict[str, Any]]:
+    """New lead rows; a lead whose stage moved in its first batch has the time it moved."""
+    return [
+        {
+            "id": s.id,
+            "created_at": s.created_at,
+            "updated_at": now,
+            "traits": s.traits,
+            "trait_times": s.trait_times,
+            "first_event_at": s.first_event_at,
+            "last_event_at": s.last_event_at,
+            "merged_into_id": None,
+            "stage": s.stage,
+            "stage_changed_at": now if s.id in stage_moved else None,
+        }
+        for s in leads
+    ]
 
 
-async def insert_leads(conn: AsyncConnection, leads: Sequence[LeadState], now: dt.datetime) -> None:
-    await bulk_insert(
-        conn,
-        lead,
-        [
-            {
-                "id": s.id,
-                "created_at": s.created_at,
-                "updated_at": now,
-                "traits": s.traits,
-                "trait_times": s.trait_times,
-                "first_event_at": s.first_event_at,
-                "last_event_at": s.last_event_at,
-                "merged_into_id": None,
-                "stage": s.stage,
-                "stage_changed_at": None,
-            }
-            for s in leads
-        ],
+def _identity_rows(identities: Mapping[Identity, uuid.UUID], now: dt.datetime) -> list[dict[str, Any]]:
+    return [
+        {"lead_id": lead_id, "namespace": ns, "value": value, "created_at": now}
+        for (ns, value), lead_id in identities.items()
+    ]
+
+
+async def write_rows(
+    conn: AsyncConnection,
+    *,
+    requests: Sequence[dict[str, Any]],
+    new_leads: Sequence[LeadState],
+    identities: Mapping[Identity, uuid.UUID],
+    events: Sequence[dict[str, Any]],
+    scores: Sequence[dict[str, Any]],
+    changed_leads: Sequence[LeadState],
+    stage_moved: Collection[uuid.UUID],
+    now: dt.datetime,
+) -> None:
+    """The rows of one ingest batch: raw requests, new leads and identities, events (a repeat of a
+    stored one is skipped), score records, and the stored leads the batch changed; `stage_moved`
+    names the leads whose stage moved in this batch.
+
+    On PostgreSQL this is one statement (data-modifying CTEs, each table's rows as one JSON
+    parameter): a group commit is mostly small batches, and each statement has a fixed cost on both
+    sides (the round trip, planning, the driver's and event loop's work) that five separate
+    inserts and an update paid five times over. SQLite, in process, runs them one by one."""
+    if conn.dialect.name != "postgresql":
+        await bulk_insert(conn, inbound_request, requests)
+        await bulk_insert(conn, lead, _new_lead_rows(new_leads, now, stage_moved))
+        await bulk_insert(conn, lead_identity, _identity_rows(identities, now), ignore_conflicts=True)
+        await bulk_insert(conn, inbound_event, events, ignore_conflicts=True)
+        await bulk_insert(conn, score_record, scores)
+        await _sqlite_update_leads(conn, changed_leads, now)
+        return
+    if not (requests or new_leads or identities or events or scores or changed_leads):
+        return
+    await (await driver(conn)).execute(
+        _pg_write_rows(),
+        _json_rows(requests, _REQUEST_FIELDS),
+        [r["body"] for r in requests],
+        _json_rows(_new_lead_rows(new_leads, now, stage_moved), _LEAD_FIELDS),
+        _json_rows(_identity_rows(identities, now), _IDENTITY_FIELDS),
+        _json_rows(events, _EVENT_FIELDS),
+        [orjson.dumps(r["payload"]).decode() for r in events],
+        _json_rows(scores, _SCORE_FIELDS),
+        [orjson.dumps(r["explanation"]).decode() for r in scores],
+        orjson.dumps(
+            [
+                {
+                    "id": s.id,
+                    "traits": s.traits,
+                    "trait_times": s.trait_times,
+                    "first_event_at": s.first_event_at,
+                    "last_event_at": s.last_event_at,
+                    "stage": s.stage,
+                }
+                for s in changed_leads
+            ],
+            default=str,  # the driver's own UUID type
+        ).decode(),
+        now,
     )
 
 
-_PG_UPDATE_LEADS = (
-    "UPDATE lead SET updated_at = $1, traits = u.traits::jsonb, trait_times = u.trait_times::jsonb, "
-    "first_event_at = u.first_event_at, last_event_at = u.last_event_at, stage = u.stage, "
-    "stage_changed_at = CASE WHEN lead.stage <> u.stage THEN $1 ELSE lead.stage_changed_at END "
-    "FROM unnest($2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], $7::text[]) "
-    "AS u(id, traits, trait_times, first_event_at, last_event_at, stage) WHERE lead.id = u.id"
+_REQUEST_FIELDS = ("id", "source_id", "webhook_id", "content_type", "received_at")
+_LEAD_FIELDS = (
+    "id",
+    "created_at",
+    "updated_at",
+    "traits",
+    "trait_times",
+    "first_event_at",
+    "last_event_at",
+    "merged_into_id",
+    "stage",
+    "stage_changed_at",
+)
+_IDENTITY_FIELDS = ("lead_id", "namespace", "value", "created_at")
+_EVENT_FIELDS = (
+    "id",
+    "source_id",
+    "external_id",
+    "request_id",
+    "lead_id",
+    "type",
+    "name",
+    "occurred_at",
+    "received_at",
+)
+_SCORE_FIELDS = (
+    "id",
+    "lead_id",
+    "pipeline_version_id",
+    "shadow",
+    "event_id",
+    "scored_at",
+    "inputs_digest",
+    "score",
+    "fit",
+    "engagement",
+    "probability",
+    "grade",
 )
 
 
-async def update_leads(conn: AsyncConnection, leads: Sequence[LeadState], now: dt.datetime) -> None:
-    if not leads:
-        return
-    if conn.dialect.name == "postgresql":
-        await (await driver(conn)).execute(
-            _PG_UPDATE_LEADS,
-            now,
-            [s.id for s in leads],
-            [orjson.dumps(s.traits).decode() for s in leads],
-            [orjson.dumps(s.trait_times).decode() for s in leads],
-            [s.first_event_at for s in leads],
-            [s.last_event_at for s in leads],
-            [s.stage for s in leads],
+def _json_rows(rows: Sequence[Mapping[str, Any]], fields: tuple[str, ...]) -> str:
+    """The rows' `fields` as one JSON array, for `json_populate_recordset`."""
+    return orjson.dumps([{name: row[name] for name in fields} for row in rows], default=str).decode()
+
+
+@functools.cache
+def _pg_write_rows() -> str:
+    """The statement of `write_rows`. Scalar columns come as a JSON array of rows; a large column
+    (a request's body, an event's payload, a score's explanation) as an array of its own, joined by
+    position: nested in the rows' JSON it was lexed three times instead of once (10 us of server
+    CPU per score record, measured)."""
+
+    def insert(
+        table: sa.Table, fields: tuple[str, ...], rows: int, large: tuple[str, str, int] | None = None, *, skip: bool
+    ) -> str:
+        names = ", ".join(fields)
+        conflict = " ON CONFLICT DO NOTHING" if skip else ""
+        source = f"json_populate_recordset(NULL::{table.name}, ${rows}::json)"
+        if large is None:
+            return f"INSERT INTO {table.name} ({names}) SELECT {names} FROM {source}{conflict}"
+        column, kind, param = large
+        picks = ", ".join(f"r.{name}" for name in fields)
+        return (
+            f"INSERT INTO {table.name} ({names}, {column}) SELECT {picks}, l.value::{kind} "
+            f"FROM {source} WITH ORDINALITY AS r "
+            f"JOIN unnest(${param}::{'bytea' if kind == 'bytea' else 'text'}[]) WITH ORDINALITY AS l(value, n) "
+            f"ON l.n = r.ordinality{conflict}"
         )
+
+    return (
+        f"WITH requests AS ({insert(inbound_request, _REQUEST_FIELDS, 1, ('body', 'bytea', 2), skip=False)}), "
+        f"leads AS ({insert(lead, _LEAD_FIELDS, 3, skip=False)}), "
+        f"identities AS ({insert(lead_identity, _IDENTITY_FIELDS, 4, skip=True)}), "
+        f"events AS ({insert(inbound_event, _EVENT_FIELDS, 5, ('payload', 'json', 6), skip=True)}), "
+        f"scores AS ({insert(score_record, _SCORE_FIELDS, 7, ('explanation', 'json', 8), skip=False)}), "
+        "changed AS (UPDATE lead SET updated_at = $10, traits = u.traits, trait_times = u.trait_times, "
+        "first_event_at = u.first_event_at, last_event_at = u.last_event_at, stage = u.stage, "
+        # Evaluated on the row as it was, so the time only moves when the stage does.
+        "stage_changed_at = CASE WHEN lead.stage <> u.stage THEN $10 ELSE lead.stage_changed_at END "
+        "FROM json_populate_recordset(NULL::lead, $9::json) AS u WHERE lead.id = u.id) "
+        "SELECT 1"
+    )
+
+
+async def _sqlite_update_leads(conn: AsyncConnection, leads: Sequence[LeadState], now: dt.datetime) -> None:
+    if not leads:
         return
     await conn.execute(
         _SqliteStatements.update_lead,
@@ -379,18 +563,6 @@ async def update_leads(conn: AsyncConnection, leads: Sequence[LeadState], now: d
             }
             for s in leads
         ],
-    )
-
-
-async def insert_identities(conn: AsyncConnection, identities: dict[Identity, uuid.UUID], now: dt.datetime) -> None:
-    await bulk_insert(
-        conn,
-        lead_identity,
-        [
-            {"lead_id": lead_id, "namespace": ns, "value": value, "created_at": now}
-            for (ns, value), lead_id in identities.items()
-        ],
-        ignore_conflicts=True,
     )
 
 
@@ -427,7 +599,3 @@ async def record_merges(conn: AsyncConnection, merges: Sequence[Merge], now: dt.
                 for m in merges
             ],
         )
-
-
-async def insert_events(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    await bulk_insert(conn, inbound_event, rows, ignore_conflicts=True)

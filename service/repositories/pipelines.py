@@ -91,13 +91,21 @@ class ActivityRow(NamedTuple):
     name: str | None
     occurred_at: dt.datetime
     payload: dict[str, Any]
+    # The event's id: activities are ordered by (occurred_at, id).
+    id: uuid.UUID
 
 
 @functools.cache
 def _activities(dialect: str) -> sa.Select[Any]:
     # Built once: on the ingest path, building a statement costs more than running it.
     return (
-        sa.select(inbound_event.c.lead_id, inbound_event.c.name, inbound_event.c.occurred_at, inbound_event.c.payload)
+        sa.select(
+            inbound_event.c.lead_id,
+            inbound_event.c.name,
+            inbound_event.c.occurred_at,
+            inbound_event.c.payload,
+            inbound_event.c.id,
+        )
         .where(
             in_list(inbound_event.c.lead_id, "lead_ids", dialect),
             inbound_event.c.type == "lead.activity",
@@ -108,7 +116,7 @@ def _activities(dialect: str) -> sa.Select[Any]:
 
 
 _PG_ACTIVITIES = (
-    "SELECT lead_id, name, occurred_at, payload FROM inbound_event "
+    "SELECT lead_id, name, occurred_at, payload, id FROM inbound_event "
     "WHERE lead_id = ANY($1::uuid[]) AND type = 'lead.activity' AND occurred_at >= $2 ORDER BY occurred_at, id"
 )
 

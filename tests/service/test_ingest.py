@@ -322,6 +322,53 @@ async def test_writer_answers_503_when_the_database_goes_away(settings: Settings
         await _let_aiosqlite_threads_finish()
 
 
+async def test_a_refused_job_fails_alone_and_leaves_no_transaction_open(
+    settings: Settings, db: Db, sender: Sender
+) -> None:
+    """A job the database refuses (a webhook id longer than its column, which the HTTP edge refuses
+    first; PostgreSQL checks lengths, SQLite does not) fails on its own, its neighbours in the batch
+    are written, and the writer's connection is not left inside the failed transaction (it begins
+    and commits on the driver, out of SQLAlchemy's sight): the next batch is written as usual."""
+    engine = create_engine(settings.database_url)
+    writer = IngestWriter(engine, max_batch_events=100, retry_after=7)
+    source_id = await db.scalar("SELECT id FROM source WHERE name = :name", name=sender.source)
+
+    def job(name: str, webhook_id: str) -> IngestJob:
+        event = LeadEvent.model_validate(lead_event(id=name, email=f"{name}@acme.io"))
+        return IngestJob(
+            source_id=source_id,
+            webhook_id=webhook_id,
+            content_type="application/json",
+            body=b"{}",
+            events=[event],
+            event_keys=[name],
+            received_at=dt.datetime.now(dt.UTC),
+        )
+
+    writer.start()
+    try:
+        good, bad = await asyncio.gather(
+            writer.submit(job("good", "w-good")), writer.submit(job("bad", "w" * 300)), return_exceptions=True
+        )
+        after = await writer.submit(job("after", "w-after"))
+    finally:
+        await writer.stop()
+        await engine.dispose()
+    assert not isinstance(good, BaseException)
+    assert not isinstance(after, BaseException)
+    stored = {row[0] for row in await db.rows("SELECT external_id FROM inbound_event")}
+    if db.engine.dialect.name == "postgresql":
+        assert isinstance(bad, StorageUnavailable)  # not stored: the sender gets a 503 and may retry
+        assert stored == {"good", "after"}
+        open_transactions = await db.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state LIKE 'idle in transaction%'"
+        )
+        assert open_transactions == 0
+    else:
+        assert stored == {"good", "bad", "after"}
+
+
 async def _let_aiosqlite_threads_finish() -> None:
     # After a failed connect, aiosqlite's worker thread still hands the close() result back to
     # the event loop a moment later; if the test's loop is closed by then, the thread raises.

@@ -17,8 +17,16 @@ from sqlalchemy.exc import DBAPIError
 from scoring.profile import Activity, LeadProfile
 from service.app import create_app
 from service.db import create_engine
-from service.pipelines import InvalidPipeline, assign_slot, pack_explanation, rescore_leads, unpack_explanation
+from service.pipelines import (
+    InvalidPipeline,
+    assign_slot,
+    pack_explanation,
+    profile_of,
+    rescore_leads,
+    unpack_explanation,
+)
 from service.repositories import pipelines as repo
+from service.repositories.tables import score_record
 from service.settings import Settings
 from tests.conftest import Db, Sender, lead_event
 
@@ -128,6 +136,76 @@ async def test_activities_raise_engagement(scored_client: tuple[httpx.AsyncClien
     after = (await sender.post(client, views)).json()
     lead_id = before["lead_id"]
     assert after["scores"][lead_id]["score"] > before["score"]
+
+
+async def test_a_batch_scores_on_the_activities_a_read_back_would_give(
+    scored_client: tuple[httpx.AsyncClient, int], sender: Sender, db: Db, trained: Any, settings: Settings
+) -> None:
+    """The batch scores before it writes: its leads' stored activities plus its own new ones (out of
+    order, one day-capped, one of a lead merged in by the batch) must make the score that reading
+    everything back after the commit makes."""
+    client, _ = scored_client
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+    def view(event_id: str, hours_ago: float, **subject: Any) -> dict[str, Any]:
+        return lead_event(
+            id=event_id,
+            email=None,
+            subject=subject,
+            type="lead.activity",
+            name="Page Viewed",
+            traits={},
+            properties={"url": "/pricing"},
+            occurred_at=(now - dt.timedelta(hours=hours_ago)).isoformat(),
+        )
+
+    await sender.post(
+        client, [lead_event(id="a", email="a@acme.io", traits=GOOD), view("a-old", 30, email="a@acme.io")]
+    )
+    await sender.post(
+        client,
+        [
+            lead_event(id="b", email=None, subject={"external_ids": {"hubspot": "b-1"}}),
+            view("b-old", 50, external_ids={"hubspot": "b-1"}),
+        ],
+    )
+    batch = [
+        view("a-new", 1, email="a@acme.io"),
+        # The same person under both names: B is merged into A, and its page view counts for A.
+        lead_event(
+            id="both", email="a@acme.io", subject={"external_ids": {"hubspot": "b-1"}}, traits={"TotalVisits": "9"}
+        ),
+        view("a-earlier", 40, email="a@acme.io"),
+        *(view(f"a-burst-{i}", 2 + i / 60, email="a@acme.io") for i in range(7)),
+    ]
+    answer = (await sender.post(client, batch)).json()
+    [survivor] = set(answer["lead_ids"])
+    lead_id = uuid.UUID(survivor)
+    async with db.engine.connect() as conn:
+        record = (
+            await conn.execute(
+                sa.select(score_record)
+                .where(score_record.c.lead_id == lead_id, score_record.c.shadow.is_(False))
+                .order_by(score_record.c.scored_at.desc(), score_record.c.id.desc())
+                .limit(1)
+            )
+        ).one()
+    scored_at = record.scored_at
+    async with db.engine.connect() as conn:
+        traits = (await repo.lead_traits(conn, [lead_id]))[lead_id]
+        activities = await repo.lead_activities(
+            conn, [lead_id], since=scored_at - dt.timedelta(days=settings.activity_lookback_days)
+        )
+    assert len(activities) == 11  # a-old, b-old, a-new, a-earlier and the burst of 7
+    expected = trained.compiled.score(profile_of(traits, activities), now=scored_at)
+    assert (record.score, record.fit, record.engagement, record.inputs_digest) == (
+        expected.value,
+        expected.fit,
+        expected.engagement,
+        expected.inputs_digest,
+    )
+    assert record.probability == pytest.approx(expected.probability, abs=1e-12)
+    assert answer["scores"][survivor]["score"] == expected.value
 
 
 async def test_lead_read_has_score_explanation_and_history(
