@@ -76,3 +76,47 @@ def test_outcomes_left_on_merged_leads_move_to_the_survivor(db_url: str) -> None
     migrate.upgrade(db_url)
     after = asyncio.run(seed_and_read(upgrade=True))
     assert after == [("o0", str(survivor)), ("o1", str(survivor)), ("o2", str(other)), ("o3", str(survivor))]
+
+
+def test_lead_rows_have_room_for_updates_and_lz4_traits(db_url: str) -> None:
+    """Migration 0011: on PostgreSQL a fill factor of 70 and, where the server has lz4, lz4 traits;
+    down removes both. SQLite has neither: there it passes through both ways."""
+
+    async def storage() -> tuple[list[str] | None, set[str], bool]:
+        engine = create_engine(db_url)
+        try:
+            async with engine.connect() as conn:
+                options = (
+                    await conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE relname = 'lead'"))
+                ).scalar()
+                compression = await conn.execute(
+                    sa.text(
+                        "SELECT attcompression::text FROM pg_attribute WHERE attrelid = 'lead'::regclass "
+                        "AND attname IN ('traits', 'trait_times')"
+                    )
+                )
+                has_lz4 = (
+                    await conn.execute(
+                        sa.text(
+                            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+                        )
+                    )
+                ).scalar()
+                return options, {str(row[0]) for row in compression}, bool(has_lz4)
+        finally:
+            await engine.dispose()
+
+    if not db_url.startswith("postgresql"):
+        migrate.downgrade(db_url, "0010")
+        migrate.upgrade(db_url)
+        return
+    options, compression, has_lz4 = asyncio.run(storage())
+    assert options == ["fillfactor=70"]
+    assert compression == ({"l"} if has_lz4 else {""})
+    migrate.downgrade(db_url, "0010")
+    try:
+        options, compression, _ = asyncio.run(storage())
+        assert options is None
+        assert compression == {""}
+    finally:
+        migrate.upgrade(db_url)
