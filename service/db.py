@@ -17,6 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 # Execution option that marks a connection's next transaction as a writer (SQLite only).
 WRITE = {"leadscore_write": True}
+# Execution option of the ingest writer's PostgreSQL connection (AUTOCOMMIT to SQLAlchemy): its
+# batch transactions are begun by `lock_names` and committed by the writer, both on the driver.
+DRIVER_TRANSACTION = "leadscore_driver_transaction"
 
 
 def is_sqlite(url: str) -> bool:

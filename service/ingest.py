@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scoring.lifecycle import rank
-from service.db import writer_connection
+from service.db import DRIVER_TRANSACTION, writer_connection
 from service.errors import StorageUnavailable
 from service.events import LeadEvent
 from service.handoff import NO_TARGETS, HandoffTargets
@@ -107,9 +107,10 @@ async def write_batch(
     lookback: dt.timedelta = dt.timedelta(days=365),
     handoff: HandoffTargets = NO_TARGETS,
 ) -> list[IngestResult]:
-    """Write the jobs in the connection's open transaction, re-scoring every lead an event touched
-    with the active (and shadow) pipeline and applying the active threshold policy to the new
-    scores; the caller commits."""
+    """Write the jobs in one transaction, re-scoring every lead an event touched with the active
+    (and shadow) pipeline and applying the active threshold policy to the new scores; the caller
+    commits. The transaction is the caller's (SQLAlchemy's `begin()`), or on the ingest writer's
+    PostgreSQL connection one the batch's first statement begins on the driver (`lock_names`)."""
     event_refs = [(job.source_id, key) for job in jobs for key in job.event_keys]
     identity_keys = [k for job in jobs for e in job.events for k in e.subject.identities()]
     await repo.lock_names(
@@ -411,7 +412,9 @@ class IngestWriter:
                 for item in live:
                     await self._commit([item], held)
                 return
-            storage_down = isinstance(exc, DBAPIError | asyncpg.PostgresError | OSError | TimeoutError)
+            storage_down = isinstance(
+                exc, DBAPIError | asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError
+            )
             if storage_down:
                 DB_ERRORS.labels(operation="ingest").inc()
                 log.error("ingest write failed", error=str(exc))
@@ -432,10 +435,11 @@ class IngestWriter:
         reused = bool(held)
         try:
             return await self._write_on(jobs, held)
-        except (DBAPIError, asyncpg.PostgresError, OSError) as exc:
+        except Exception as exc:
             if not (reused and _connection_lost(exc)):
                 raise
-            # The kept connection went stale (database restarted): one more try on a fresh one.
+            # The kept connection went stale (database restarted, an idle timeout): one more try on
+            # a fresh one.
             return await self._write_on(jobs, held)
 
     async def _write_on(self, jobs: list[IngestJob], held: list[AsyncConnection]) -> list[IngestResult]:
@@ -449,17 +453,20 @@ class IngestWriter:
                     return await self._batch(conn, jobs)
             # The batch's first statement (`lock_names`) begins the transaction on the driver.
             results = await self._batch(conn, jobs)
-            if raw.is_in_transaction():
-                await raw.execute("COMMIT")
+            if not raw.is_in_transaction():
+                raise RuntimeError("the ingest batch's transaction was not open at commit")
+            status = await raw.execute("COMMIT")
+            if status != "COMMIT":
+                # PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error.
+                raise RuntimeError(f"the ingest batch was not committed (the server answered {status})")
             return results
         except BaseException:
             held.clear()
             if raw is not None:
-                # SQLAlchemy does not know of the driver's transaction (its reset on return would
-                # leave it open): end it here, and drop the connection rather than pool it.
-                with contextlib.suppress(Exception):
-                    if raw.is_in_transaction():
-                        await raw.execute("ROLLBACK")
+                # SQLAlchemy does not see the driver's transaction (its reset on return would pool the
+                # connection with it open). Ending the connection ends it (the server rolls back):
+                # no await, so a second cancellation cannot leave its locks held.
+                raw.terminate()
                 with contextlib.suppress(Exception):
                     await conn.invalidate()
             with contextlib.suppress(Exception):
@@ -482,22 +489,30 @@ async def _writer_connection(engine: AsyncEngine) -> AsyncConnection:
     """The writer's own connection. On PostgreSQL its batches are transactions begun and committed
     on the driver: SQLAlchemy is set to leave transactions alone (AUTOCOMMIT, which its asyncpg
     adapter takes as "begin nothing"), so its statements on the rarer paths (merges, stage
-    transitions) run inside the driver's transaction like the rest. SQLAlchemy's begin and commit
-    and the statement that began its transaction were a third of a batch's fixed cost in the
-    client, and BEGIN now rides with the batch's first statement."""
+    transitions) run inside the driver's transaction like the rest; `lock_names` begins it (see
+    `DRIVER_TRANSACTION`). SQLAlchemy's begin and commit and the statement that began its
+    transaction were a third of a batch's fixed cost in the client, and BEGIN now rides with the
+    batch's first statement."""
     conn = await writer_connection(engine)
     if conn.dialect.name == "postgresql":
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT", **{DRIVER_TRANSACTION: True})
     return conn
 
 
 def _connection_lost(exc: BaseException) -> bool:
+    """The error says the connection is gone (closed by the server, a restart, a network cut)."""
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated
-    return isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.exceptions.AdminShutdownError)
+    return isinstance(
+        exc,
+        OSError
+        | asyncpg.InterfaceError  # "connection is closed", from the driver's own checks
+        | asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.OperatorInterventionError,  # shutdown, idle session timeout
+    )
 
 
 def _statement_failed(exc: BaseException) -> bool:
-    """A statement of the batch was refused (a constraint, a value too long): another batch may be
-    fine, the connection is."""
+    """A statement of the batch was refused (a constraint, a value too long): the batch's other jobs
+    may be fine on their own."""
     return isinstance(exc, DBAPIError | asyncpg.PostgresError) and not _connection_lost(exc)

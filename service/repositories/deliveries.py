@@ -108,9 +108,9 @@ async def outbox_notifications(engine: AsyncEngine, notified: Callable[[], None]
 
 
 async def _begin(conn: AsyncConnection) -> None:
-    # `bulk_insert` runs on the asyncpg connection inside the transaction SQLAlchemy began, and
-    # SQLAlchemy begins it only with its first statement: in the ingest transaction that has
-    # happened; a caller whose first statement this is gets it begun here.
+    # `bulk_insert` runs on the asyncpg connection inside the caller's transaction, and SQLAlchemy
+    # begins one only with its first statement: in the ingest transaction one is open (begun on
+    # the driver, or by SQLAlchemy); a caller whose first statement this is gets it begun here.
     if conn.dialect.name == "postgresql":
         raw = (await conn.get_raw_connection()).driver_connection
         if raw is not None and not raw.is_in_transaction():

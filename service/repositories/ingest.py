@@ -1,4 +1,5 @@
-"""The statements of one group-commit transaction of the ingest path (SQLAlchemy Core)."""
+"""The statements of one group-commit transaction of the ingest path: SQLAlchemy Core for SQLite and
+the rarer paths, the driver's own SQL for PostgreSQL's hot path."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from models.types import UtcDateTime
+from service.db import DRIVER_TRANSACTION
 from service.identity import Identity, LeadState, Merge
 from service.repositories.tables import (
     inbound_event,
@@ -109,8 +110,9 @@ async def lock_names(conn: AsyncConnection, keys: Iterable[int]) -> None:
     batches). SQLite needs none: `BEGIN IMMEDIATE` already serialises writers.
 
     Where the transaction has not begun yet, this is its first statement: on the ingest writer's
-    connection (AUTOCOMMIT to SQLAlchemy, see `service.ingest`) the lock and BEGIN go to the driver
-    in one round trip; otherwise the lock begins SQLAlchemy's transaction."""
+    connection (`DRIVER_TRANSACTION`, see `service.ingest`) the lock and BEGIN go to the driver in
+    one round trip, and the writer commits there; otherwise the lock begins SQLAlchemy's
+    transaction."""
     ordered = sorted(set(keys))
     if conn.dialect.name != "postgresql":
         return
@@ -119,7 +121,7 @@ async def lock_names(conn: AsyncConnection, keys: Iterable[int]) -> None:
         if ordered:
             await raw.execute(_PG_LOCK, ordered)
         return
-    if raw is not None and _autocommit(conn):
+    if raw is not None and _driver_transaction(conn):
         # Two statements in one simple-protocol message; the keys are integers written into its
         # text (nothing from outside).
         await raw.execute("BEGIN; " + _pg_lock_literal(ordered) if ordered else "BEGIN")
@@ -135,9 +137,9 @@ async def lock_names(conn: AsyncConnection, keys: Iterable[int]) -> None:
 _PG_LOCK = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS t(k)"
 
 
-def _autocommit(conn: AsyncConnection) -> bool:
+def _driver_transaction(conn: AsyncConnection) -> bool:
     sync = conn.sync_connection
-    return sync is not None and sync.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    return sync is not None and bool(sync.get_execution_options().get(DRIVER_TRANSACTION))
 
 
 def _pg_lock_literal(keys: Sequence[int]) -> str:
@@ -292,51 +294,13 @@ async def lock_leads(
     return states, merged
 
 
-_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
-
-
-@functools.cache
-def _pg_type(column: sa.Column[Any]) -> tuple[str, str | None]:
-    """The PostgreSQL array element type a column is sent as, and for JSON (sent as text) the type
-    to cast each element to."""
-    kind = column.type
-    if isinstance(kind, UtcDateTime):
-        return "timestamptz", None
-    if isinstance(kind, sa.JSON):
-        return "text", "jsonb" if isinstance(kind.dialect_impl(_PG), postgresql.JSONB) else "json"
-    for python_type, name in (
-        (sa.Uuid, "uuid"),
-        (sa.Boolean, "boolean"),
-        (sa.Integer, "bigint"),
-        (sa.Float, "float8"),
-        (sa.LargeBinary, "bytea"),
-        (sa.String, "text"),
-    ):
-        if isinstance(kind, python_type):
-            return name, None
-    raise TypeError(f"no bulk type for {column}")
-
-
-@functools.cache
-def _pg_bulk_insert(table: sa.Table, columns: tuple[str, ...], ignore_conflicts: bool) -> str:
-    types = [_pg_type(table.c[name]) for name in columns]
-    arrays = ", ".join(f"${i}::{kind}[]" for i, (kind, _) in enumerate(types, start=1))
-    picks = ", ".join(
-        f"u.{name}::{cast}" if cast else f"u.{name}" for name, (_, cast) in zip(columns, types, strict=True)
-    )
-    conflict = " ON CONFLICT DO NOTHING" if ignore_conflicts else ""
-    return (
-        f"INSERT INTO {table.name} ({', '.join(columns)}) SELECT {picks} "
-        f"FROM unnest({arrays}) AS u({', '.join(columns)}){conflict}"
-    )
-
-
 async def bulk_insert(
     conn: AsyncConnection, table: sa.Table, rows: Sequence[dict[str, Any]], *, ignore_conflicts: bool = False
 ) -> None:
-    """Insert rows (all with the same keys). On PostgreSQL one `INSERT ... SELECT FROM unnest(arrays)`
-    for the whole batch: executemany runs the executor once per row, which cost 3-4 times more
-    server CPU per row (measured). SQLite, in process, takes the rows as executemany."""
+    """Insert rows (all with the same keys, no binary columns). On PostgreSQL one
+    `INSERT ... SELECT FROM json_populate_recordset` for the whole batch: executemany runs the
+    executor once per row, which cost 3-4 times more server CPU per row (measured). SQLite, in
+    process, takes the rows as executemany."""
     if not rows:
         return
     if conn.dialect.name != "postgresql":
@@ -345,24 +309,11 @@ async def bulk_insert(
         return
     columns = tuple(rows[0])
     raw = await driver(conn)
-    if _has_binary(table):
-        arrays: list[list[Any]] = []
-        for name in columns:
-            _, json_cast = _pg_type(table.c[name])
-            values = [row[name] for row in rows]
-            arrays.append([None if v is None else orjson.dumps(v).decode() for v in values] if json_cast else values)
-        await raw.execute(_pg_bulk_insert(table, columns, ignore_conflicts), *arrays)
-        return
     # The whole batch as one JSON document: asyncpg's array parameters check every element against
     # collection ABCs, which cost more than the insert (measured on score records: 7 % of a
     # worker's CPU); orjson and PostgreSQL's JSON parser are both C.
     document = orjson.dumps(list(rows), default=str).decode()
     await raw.execute(_pg_json_insert(table, columns, ignore_conflicts), document)
-
-
-@functools.cache
-def _has_binary(table: sa.Table) -> bool:
-    return any(isinstance(column.type, sa.LargeBinary) for column in table.columns)
 
 
 @functools.cache

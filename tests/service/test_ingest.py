@@ -351,22 +351,64 @@ async def test_a_refused_job_fails_alone_and_leaves_no_transaction_open(
             writer.submit(job("good", "w-good")), writer.submit(job("bad", "w" * 300)), return_exceptions=True
         )
         after = await writer.submit(job("after", "w-after"))
+        open_transactions = (
+            await db.scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%'"
+            )
+            if db.engine.dialect.name == "postgresql"
+            else 0
+        )
     finally:
         await writer.stop()
         await engine.dispose()
     assert not isinstance(good, BaseException)
     assert not isinstance(after, BaseException)
+    assert open_transactions == 0
     stored = {row[0] for row in await db.rows("SELECT external_id FROM inbound_event")}
     if db.engine.dialect.name == "postgresql":
         assert isinstance(bad, StorageUnavailable)  # not stored: the sender gets a 503 and may retry
         assert stored == {"good", "after"}
-        open_transactions = await db.scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND state LIKE 'idle in transaction%'"
-        )
-        assert open_transactions == 0
     else:
         assert stored == {"good", "bad", "after"}
+
+
+async def test_the_writer_survives_its_connection_being_closed_by_the_server(
+    settings: Settings, db: Db, sender: Sender
+) -> None:
+    """The writer keeps its connection between batches; when the server ends it meanwhile (a
+    restart, an idle timeout, an operator), the next batch is written on a fresh one instead of
+    failing. On SQLite there is no server: two batches in a row are written."""
+    engine = create_engine(settings.database_url)
+    writer = IngestWriter(engine, max_batch_events=100, retry_after=7)
+    source_id = await db.scalar("SELECT id FROM source WHERE name = :name", name=sender.source)
+
+    def job(name: str) -> IngestJob:
+        event = LeadEvent.model_validate(lead_event(id=name, email=f"{name}@acme.io"))
+        return IngestJob(
+            source_id=source_id,
+            webhook_id=name,
+            content_type="application/json",
+            body=b"{}",
+            events=[event],
+            event_keys=[name],
+            received_at=dt.datetime.now(dt.UTC),
+        )
+
+    writer.start()
+    try:
+        await writer.submit(job("before"))
+        if db.engine.dialect.name == "postgresql":
+            ended = await db.scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+            assert ended >= 1
+        await writer.submit(job("after"))
+    finally:
+        await writer.stop()
+        await engine.dispose()
+    assert {row[0] for row in await db.rows("SELECT external_id FROM inbound_event")} == {"before", "after"}
 
 
 async def _let_aiosqlite_threads_finish() -> None:
