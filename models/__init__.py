@@ -126,6 +126,14 @@ class InboundEvent(SQLModel, table=True):
     __table_args__ = (
         sa.UniqueConstraint("source_id", "external_id", name="uq_inbound_event_source_id_external_id"),
         sa.Index("ix_inbound_event_lead_id_occurred_at", "lead_id", "occurred_at"),
+        # What scoring reads for every event: a lead's activities, without visiting its other events.
+        sa.Index(
+            "ix_inbound_event_activity_lead_id_occurred_at",
+            "lead_id",
+            "occurred_at",
+            postgresql_where=sa.text("type = 'lead.activity'"),
+            sqlite_where=sa.text("type = 'lead.activity'"),
+        ),
     )
 
     id: uuid.UUID = Field(primary_key=True)

@@ -1,10 +1,15 @@
-"""Lead rows: lz4 for the traits (where the server has it) and room on each page for updates.
+"""Lead rows: lz4 for the traits (where the server has it) and room on each page for updates; an
+index of activities.
 
 Every ingested event rewrites its lead's row, and with its traits and their times that row is past
 PostgreSQL's compression threshold: the default pglz compressed it on every update (and
 decompressed it on every read), several times the CPU of lz4. A fill factor of 70 leaves room on
 the page for the new version, so the update can be HOT (no index entry) instead of moving the row.
 Both apply to rows as they are next written. PostgreSQL only; SQLite has neither.
+
+Scoring reads a lead's activities for every event; through the (lead, time) index of all events
+it also visited every trait update of the lead in the table, to drop it. A partial index of the
+activities alone (both databases) leaves those out.
 
 Revision ID: 0011
 Revises: 0010
@@ -35,7 +40,18 @@ def _has_lz4() -> bool:
     )
 
 
+_ACTIVITY_INDEX = "ix_inbound_event_activity_lead_id_occurred_at"
+_ACTIVITIES = sa.text("type = 'lead.activity'")
+
+
 def upgrade() -> None:
+    op.create_index(
+        _ACTIVITY_INDEX,
+        "inbound_event",
+        ["lead_id", "occurred_at"],
+        postgresql_where=_ACTIVITIES,
+        sqlite_where=_ACTIVITIES,
+    )
     if op.get_bind().dialect.name != "postgresql":
         return
     if _has_lz4():
@@ -45,6 +61,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index(_ACTIVITY_INDEX, table_name="inbound_event")
     if op.get_bind().dialect.name != "postgresql":
         return
     op.execute("ALTER TABLE lead RESET (fillfactor)")

@@ -79,13 +79,18 @@ def test_outcomes_left_on_merged_leads_move_to_the_survivor(db_url: str) -> None
 
 
 def test_lead_rows_have_room_for_updates_and_lz4_traits(db_url: str) -> None:
-    """Migration 0011: on PostgreSQL a fill factor of 70 and, where the server has lz4, lz4 traits;
-    down removes both. SQLite has neither: there it passes through both ways."""
+    """Migration 0011: the partial index of activities (both databases); on PostgreSQL a fill factor
+    of 70 and, where the server has lz4, lz4 traits. Down removes them all."""
+    activity_index = "ix_inbound_event_activity_lead_id_occurred_at"
 
-    async def storage() -> tuple[list[str] | None, set[str], bool]:
+    async def storage() -> tuple[list[str] | None, set[str], bool, bool]:
         engine = create_engine(db_url)
         try:
             async with engine.connect() as conn:
+                indexes = await conn.run_sync(lambda sync: sa.inspect(sync).get_indexes("inbound_event"))
+                indexed = any(index["name"] == activity_index for index in indexes)
+                if conn.dialect.name != "postgresql":
+                    return None, set(), False, indexed
                 options = (
                     await conn.execute(sa.text("SELECT reloptions FROM pg_class WHERE relname = 'lead'"))
                 ).scalar()
@@ -102,21 +107,21 @@ def test_lead_rows_have_room_for_updates_and_lz4_traits(db_url: str) -> None:
                         )
                     )
                 ).scalar()
-                return options, {str(row[0]) for row in compression}, bool(has_lz4)
+                return options, {str(row[0]) for row in compression}, bool(has_lz4), indexed
         finally:
             await engine.dispose()
 
-    if not db_url.startswith("postgresql"):
-        migrate.downgrade(db_url, "0010")
-        migrate.upgrade(db_url)
-        return
-    options, compression, has_lz4 = asyncio.run(storage())
-    assert options == ["fillfactor=70"]
-    assert compression == ({"l"} if has_lz4 else {""})
+    options, compression, has_lz4, indexed = asyncio.run(storage())
+    assert indexed
+    if db_url.startswith("postgresql"):
+        assert options == ["fillfactor=70"]
+        assert compression == ({"l"} if has_lz4 else {""})
     migrate.downgrade(db_url, "0010")
     try:
-        options, compression, _ = asyncio.run(storage())
-        assert options is None
-        assert compression == {""}
+        options, compression, _, indexed = asyncio.run(storage())
+        assert not indexed
+        if db_url.startswith("postgresql"):
+            assert options is None
+            assert compression == {""}
     finally:
         migrate.upgrade(db_url)
