@@ -413,7 +413,13 @@ class IngestWriter:
                     await self._commit([item], held)
                 return
             storage_down = isinstance(
-                exc, DBAPIError | asyncpg.PostgresError | asyncpg.InterfaceError | OSError | TimeoutError
+                exc,
+                DBAPIError
+                | asyncpg.PostgresError
+                | asyncpg.InterfaceError
+                | asyncpg.exceptions.InternalClientError
+                | OSError
+                | TimeoutError,
             )
             if storage_down:
                 DB_ERRORS.labels(operation="ingest").inc()
@@ -436,10 +442,13 @@ class IngestWriter:
         try:
             return await self._write_on(jobs, held)
         except Exception as exc:
-            if not (reused and _connection_lost(exc)):
+            if not reused or _statement_failed(exc):
                 raise
-            # The kept connection went stale (database restarted, an idle timeout): one more try on
-            # a fresh one.
+            # The kept connection may have gone stale (database restarted, an idle timeout). How
+            # that shows depends on when the driver hears of it (a closed-connection error, or an
+            # internal one when the server's notice arrives mid-query), so anything but a refused
+            # statement gets one more try on a fresh connection; the failed batch's transaction
+            # ended with its connection.
             return await self._write_on(jobs, held)
 
     async def _write_on(self, jobs: list[IngestJob], held: list[AsyncConnection]) -> list[IngestResult]:
