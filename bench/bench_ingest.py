@@ -169,6 +169,25 @@ def run_wrk(url: str, requests_file: Path, duration: int, connections: int = 64)
     }
 
 
+def train_demo(env: dict[str, str]) -> None:
+    """Train the X Education demo pipeline into the database of `env` (version 1 of a new one)."""
+    subprocess.run(
+        [
+            BIN / "leadscore",
+            "train",
+            "--spec",
+            ROOT / "pipelines" / "x-education.yaml",
+            "--data",
+            ROOT.parent / "shared" / "data" / "x-education" / "leads_train.csv",
+            "--label",
+            "Converted",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+
+
 async def pg_admin(base: str, sql: str) -> None:
     u = make_url(base)
     conn = await asyncpg.connect(u.set(drivername="postgresql").render_as_string(hide_password=False))
@@ -239,21 +258,7 @@ def main() -> None:
         )
         secret = created["secret"]
         if "ingest+score" in args.kinds:
-            subprocess.run(
-                [
-                    BIN / "leadscore",
-                    "train",
-                    "--spec",
-                    ROOT / "pipelines" / "x-education.yaml",
-                    "--data",
-                    ROOT.parent / "shared" / "data" / "x-education" / "leads_train.csv",
-                    "--label",
-                    "Converted",
-                ],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
+            train_demo(env)
         for workers in args.workers:
             for run in range(args.runs):
                 for kind in args.kinds:

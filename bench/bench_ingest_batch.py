@@ -39,7 +39,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_ingest import DEFAULT_PG, make_event  # noqa: E402
+from bench.bench_ingest import DEFAULT_PG, make_event, pg_admin, set_active, train_demo  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -185,54 +185,18 @@ def main() -> None:
 
     base = os.environ.get("LEADSCORE_BENCH_DATABASE_URL", DEFAULT_PG)
     db_name = f"leadscore_bench_batch_{os.getpid()}"
-    plain = make_url(base).set(drivername="postgresql").render_as_string(hide_password=False)
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(plain)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{db_name}"'))
+    asyncio.run(pg_admin(base, f'CREATE DATABASE "{db_name}"'))
     db_url = make_url(base).set(database=db_name).render_as_string(hide_password=False)
     env = os.environ | {"LEADSCORE_DATABASE_URL": db_url, "LEADSCORE_LOG_LEVEL": "WARNING"}
     try:
         subprocess.run([BIN / "leadscore", "migrate"], env=env, check=True, capture_output=True)
         subprocess.run([BIN / "leadscore", "sources", "add", "bench"], env=env, check=True, capture_output=True)
         if not args.no_score:
-            subprocess.run(
-                [
-                    BIN / "leadscore",
-                    "train",
-                    "--spec",
-                    ROOT / "pipelines" / "x-education.yaml",
-                    "--data",
-                    ROOT.parent / "shared" / "data" / "x-education" / "leads_train.csv",
-                    "--label",
-                    "Converted",
-                ],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
-            activate = (
-                "INSERT INTO pipeline_slot (slot, version_id, assigned_at, assigned_by) "
-                "VALUES ('active', 1, now(), 'bench')"
-            )
-            plain_db = make_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-            async def go() -> None:
-                conn = await asyncpg.connect(plain_db)
-                try:
-                    await conn.execute(activate)
-                finally:
-                    await conn.close()
-
-            asyncio.run(go())
+            train_demo(env)
+            asyncio.run(set_active(db_url, 1))
         asyncio.run(measure(db_url, args))
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+        asyncio.run(pg_admin(base, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
 
 
 if __name__ == "__main__":

@@ -186,18 +186,15 @@ async def _sqlite_find_events(
 _PG_LEAD_COLUMNS = (
     "l.id, l.created_at, l.traits, l.trait_times, l.first_event_at, l.last_event_at, l.merged_into_id, l.stage"
 )
-# One row per lead with the identities it owns (a lead named by its email and its CRM id came
-# twice, its traits sent, decoded and thrown away once more).
-_PG_FIND_AND_LOCK = (
-    f"SELECT m.namespaces, m.vals, {_PG_LEAD_COLUMNS} FROM ("
-    "SELECT i.lead_id, array_agg(i.namespace) AS namespaces, array_agg(i.value) AS vals FROM lead_identity i "
-    "JOIN unnest($1::text[], $2::text[]) AS k(ns, v) ON i.namespace = k.ns AND i.value = k.v GROUP BY i.lead_id) AS m "
-    "JOIN lead l ON l.id = m.lead_id ORDER BY l.id FOR UPDATE OF l"
-)
 _PG_LOCK_LEADS = f"SELECT {_PG_LEAD_COLUMNS} FROM lead l WHERE l.id = ANY($1::uuid[]) ORDER BY l.id FOR UPDATE"
-# The locked leads' rows, then the stored events' rows, told apart by which columns are null.
+# The locked leads' rows, then the stored events' rows, told apart by which columns are null. One
+# row per lead with the identities it owns (a lead named by its email and its CRM id came twice,
+# its traits sent, decoded and thrown away once more).
 _PG_FIND_ALL = (
-    f"WITH owners AS ({_PG_FIND_AND_LOCK.replace('$1', '$3').replace('$2', '$4')}) "
+    f"WITH owners AS (SELECT m.namespaces, m.vals, {_PG_LEAD_COLUMNS} FROM ("
+    "SELECT i.lead_id, array_agg(i.namespace) AS namespaces, array_agg(i.value) AS vals FROM lead_identity i "
+    "JOIN unnest($3::text[], $4::text[]) AS k(ns, v) ON i.namespace = k.ns AND i.value = k.v GROUP BY i.lead_id) AS m "
+    "JOIN lead l ON l.id = m.lead_id ORDER BY l.id FOR UPDATE OF l) "
     "SELECT namespaces, vals, id, created_at, traits, trait_times, first_event_at, last_event_at, merged_into_id, "
     "stage, NULL::bigint AS source_id, NULL::text AS external_id, NULL::uuid AS event_id, NULL::uuid AS event_lead_id "
     "FROM owners UNION ALL "

@@ -322,6 +322,20 @@ async def test_writer_answers_503_when_the_database_goes_away(settings: Settings
         await _let_aiosqlite_threads_finish()
 
 
+def one_event_job(source_id: int, name: str, webhook_id: str | None = None) -> IngestJob:
+    """A verified request of one event, named `name` (its id, webhook id and email), for the writer."""
+    event = LeadEvent.model_validate(lead_event(id=name, email=f"{name}@acme.io"))
+    return IngestJob(
+        source_id=source_id,
+        webhook_id=webhook_id or name,
+        content_type="application/json",
+        body=b"{}",
+        events=[event],
+        event_keys=[name],
+        received_at=dt.datetime.now(dt.UTC),
+    )
+
+
 async def test_a_refused_job_fails_alone_and_leaves_no_transaction_open(
     settings: Settings, db: Db, sender: Sender
 ) -> None:
@@ -333,24 +347,14 @@ async def test_a_refused_job_fails_alone_and_leaves_no_transaction_open(
     writer = IngestWriter(engine, max_batch_events=100, retry_after=7)
     source_id = await db.scalar("SELECT id FROM source WHERE name = :name", name=sender.source)
 
-    def job(name: str, webhook_id: str) -> IngestJob:
-        event = LeadEvent.model_validate(lead_event(id=name, email=f"{name}@acme.io"))
-        return IngestJob(
-            source_id=source_id,
-            webhook_id=webhook_id,
-            content_type="application/json",
-            body=b"{}",
-            events=[event],
-            event_keys=[name],
-            received_at=dt.datetime.now(dt.UTC),
-        )
-
     writer.start()
     try:
         good, bad = await asyncio.gather(
-            writer.submit(job("good", "w-good")), writer.submit(job("bad", "w" * 300)), return_exceptions=True
+            writer.submit(one_event_job(source_id, "good")),
+            writer.submit(one_event_job(source_id, "bad", "w" * 300)),
+            return_exceptions=True,
         )
-        after = await writer.submit(job("after", "w-after"))
+        after = await writer.submit(one_event_job(source_id, "after"))
         open_transactions = (
             await db.scalar(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -383,28 +387,16 @@ async def test_the_writer_survives_its_connection_being_closed_by_the_server(
     writer = IngestWriter(engine, max_batch_events=100, retry_after=7)
     source_id = await db.scalar("SELECT id FROM source WHERE name = :name", name=sender.source)
 
-    def job(name: str) -> IngestJob:
-        event = LeadEvent.model_validate(lead_event(id=name, email=f"{name}@acme.io"))
-        return IngestJob(
-            source_id=source_id,
-            webhook_id=name,
-            content_type="application/json",
-            body=b"{}",
-            events=[event],
-            event_keys=[name],
-            received_at=dt.datetime.now(dt.UTC),
-        )
-
     writer.start()
     try:
-        await writer.submit(job("before"))
+        await writer.submit(one_event_job(source_id, "before"))
         if db.engine.dialect.name == "postgresql":
             ended = await db.scalar(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
             )
             assert ended >= 1
-        await writer.submit(job("after"))
+        await writer.submit(one_event_job(source_id, "after"))
     finally:
         await writer.stop()
         await engine.dispose()
