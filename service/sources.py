@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections.abc import Mapping, Sequence
@@ -36,19 +37,37 @@ class CreatedSource:
 
 class SourceRegistry:
     """Sources by name, cached for `ttl` seconds so the ingest path does not query for them on
-    every request. Unknown names are cached too, so a flood of bad names costs no queries."""
+    every request. Unknown names are cached too, so a flood of bad names costs no queries. When an
+    entry is missing or stale, one lookup runs and every request for that name waits on it: under
+    load an expiry otherwise sent each request in flight to the database at once (on a connection
+    beyond the pool's, opened and closed for it)."""
 
     def __init__(self, engine: AsyncEngine, *, ttl: float, retry_after: int) -> None:
         self._engine = engine
         self._ttl = ttl
         self._retry_after = retry_after
         self._cache: dict[str, tuple[float, SourceRow | None]] = {}
+        self._lookups: dict[str, asyncio.Task[SourceRow | None]] = {}
 
     async def get(self, name: str) -> SourceRow | None:
-        now = time.monotonic()
         hit = self._cache.get(name)
-        if hit is not None and now - hit[0] < self._ttl:
+        if hit is not None and time.monotonic() - hit[0] < self._ttl:
             return hit[1]
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            lookup = asyncio.create_task(self._lookup(name), name=f"source-lookup-{name}")
+            self._lookups[name] = lookup
+            lookup.add_done_callback(self._finished)
+        # A request that goes away (its client disconnected) must not cancel the others' lookup.
+        return await asyncio.shield(lookup)
+
+    def _finished(self, lookup: asyncio.Task[SourceRow | None]) -> None:
+        self._lookups = {name: task for name, task in self._lookups.items() if task is not lookup}
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved, even when every request that waited on it has gone
+
+    async def _lookup(self, name: str) -> SourceRow | None:
+        started = time.monotonic()
         try:
             async with self._engine.connect() as conn:
                 row = await repo.get_source(conn, name)
@@ -57,7 +76,7 @@ class SourceRegistry:
             raise StorageUnavailable("the database is unavailable; retry later", retry_after=self._retry_after) from exc
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[name] = (now, row)
+        self._cache[name] = (started, row)
         return row
 
 
