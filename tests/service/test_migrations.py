@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import uuid
 
 import pytest
@@ -123,5 +124,71 @@ def test_lead_rows_have_room_for_updates_and_lz4_traits(db_url: str) -> None:
         if db_url.startswith("postgresql"):
             assert options is None
             assert compression == {""}
+    finally:
+        migrate.upgrade(db_url)
+
+
+def test_write_once_documents_are_compressed_with_lz4(db_url: str) -> None:
+    """Migration 0012: on PostgreSQL servers with lz4, request bodies, event payloads and score
+    explanations are lz4 (a stored explanation past the threshold comes back lz4-compressed). Down
+    gives them the server's default again. SQLite has no such setting, and nothing changes there."""
+    columns = {("inbound_request", "body"), ("inbound_event", "payload"), ("score_record", "explanation")}
+
+    async def compression() -> tuple[dict[tuple[str, str], str], str | None, bool]:
+        engine = create_engine(db_url)
+        try:
+            async with engine.begin() as conn:
+                if conn.dialect.name != "postgresql":
+                    return {}, None, False
+                rows = await conn.execute(
+                    sa.text(
+                        "SELECT c.relname, a.attname, a.attcompression::text FROM pg_attribute a "
+                        "JOIN pg_class c ON c.oid = a.attrelid "
+                        "WHERE (c.relname, a.attname) IN (('inbound_request', 'body'), "
+                        "('inbound_event', 'payload'), ('score_record', 'explanation'))"
+                    )
+                )
+                settings = {(row[0], row[1]): row[2] for row in rows}
+                has_lz4 = (
+                    await conn.execute(
+                        sa.text(
+                            "SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+                        )
+                    )
+                ).scalar()
+                # An explanation the size of a real one, with the digits that keep it from being trivial.
+                explanation = json.dumps({"features": [[f"feature_{n}", n * 0.123456789, n / 7] for n in range(60)]})
+                record = uuid.uuid4()
+                await conn.execute(
+                    sa.text(
+                        "INSERT INTO score_record (id, lead_id, pipeline_version_id, shadow, scored_at, "
+                        "inputs_digest, score, fit, engagement, probability, grade, explanation) VALUES "
+                        "(:id, :lead, 1, false, now(), 'x', 1, 1, 1, 0.5, 'A1', CAST(:e AS json))"
+                    ),
+                    {"id": record, "lead": uuid.uuid4(), "e": explanation},
+                )
+                stored = (
+                    await conn.execute(
+                        sa.text("SELECT pg_column_compression(explanation) FROM score_record WHERE id = :id"),
+                        {"id": record},
+                    )
+                ).scalar()
+                await conn.rollback()
+                return settings, stored, bool(has_lz4)
+        finally:
+            await engine.dispose()
+
+    settings, stored, has_lz4 = asyncio.run(compression())
+    if not db_url.startswith("postgresql"):
+        assert settings == {}
+        return
+    assert set(settings) == columns
+    assert set(settings.values()) == ({"l"} if has_lz4 else {""})
+    assert stored == ("lz4" if has_lz4 else "pglz")
+    migrate.downgrade(db_url, "0011")
+    try:
+        settings, stored, _ = asyncio.run(compression())
+        assert set(settings.values()) == {""}
+        assert stored == "pglz"
     finally:
         migrate.upgrade(db_url)
