@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,12 +58,13 @@ class SourceRegistry:
         if lookup is None:
             lookup = asyncio.create_task(self._lookup(name), name=f"source-lookup-{name}")
             self._lookups[name] = lookup
-            lookup.add_done_callback(self._finished)
+            lookup.add_done_callback(functools.partial(self._finished, name))
         # A request that goes away (its client disconnected) must not cancel the others' lookup.
         return await asyncio.shield(lookup)
 
-    def _finished(self, lookup: asyncio.Task[SourceRow | None]) -> None:
-        self._lookups = {name: task for name, task in self._lookups.items() if task is not lookup}
+    def _finished(self, name: str, lookup: asyncio.Task[SourceRow | None]) -> None:
+        if self._lookups.get(name) is lookup:
+            del self._lookups[name]
         if not lookup.cancelled():
             lookup.exception()  # retrieved, even when every request that waited on it has gone
 
