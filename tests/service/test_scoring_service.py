@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from scoring.profile import Activity, LeadProfile
 from service.app import create_app
 from service.db import create_engine
+from service.events import LeadEvent
 from service.pipelines import (
     InvalidPipeline,
     assign_slot,
@@ -345,3 +346,125 @@ async def test_rescore_is_resumable_and_uses_the_version(
     # A version that is not active writes shadow records: current scores stay the active one's.
     assert await db.scalar("SELECT count(*) FROM score_record WHERE pipeline_version_id = :v AND shadow", v=other) == 7
     assert await db.scalar("SELECT count(*) FROM score_record WHERE pipeline_version_id = :v", v=active) == 7
+
+
+@pytest.mark.parametrize("moves_the_lead", [True, False], ids=["newest-activity", "out-of-order-activity"])
+async def test_a_batch_that_waited_for_a_leads_lock_scores_on_the_activities_committed_meanwhile(
+    settings: Settings, sender: Sender, db: Db, trained: Any, moves_the_lead: bool
+) -> None:
+    """One batch adds a page view to a lead it names by email and holds its locks; another names the
+    same lead by its CRM id (no shared advisory lock) and waits for the lead's row lock in its
+    lookup, whose snapshot began before the first committed. Its score must still count that page
+    view, whether or not the view moved the lead's first or last event time (an out-of-order one
+    does not)."""
+    from service.ingest import IngestJob, event_keys, write_batch
+    from service.pipelines import PipelineRegistry
+
+    await register(settings, trained)
+    engine = create_engine(settings.database_url)
+    source_id = await db.scalar("SELECT id FROM source WHERE name = :name", name=sender.source)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+    def job(*events: dict[str, Any]) -> IngestJob:
+        parsed = [LeadEvent.model_validate(e) for e in events]
+        return IngestJob(
+            source_id=source_id,
+            webhook_id=None,
+            content_type="application/json",
+            body=b"[]",
+            events=parsed,
+            event_keys=event_keys(parsed, None),
+            received_at=now,
+        )
+
+    def view(event_id: str, hours_ago: float) -> dict[str, Any]:
+        return lead_event(
+            id=event_id,
+            email="race@acme.io",
+            type="lead.activity",
+            name="Page Viewed",
+            traits={},
+            properties={"url": "/pricing"},
+            occurred_at=(now - dt.timedelta(hours=hours_ago)).isoformat(),
+        )
+
+    both = {"external_ids": {"hubspot": "race-1"}}
+    # The seed's events are 50 and 30 hours old: a page view 1 hour old moves the lead's last event
+    # time, one 40 hours old moves neither its first nor its last.
+    meanwhile_hours = 1 if moves_the_lead else 40
+    try:
+        pipelines = await PipelineRegistry(engine, refresh_seconds=60).refresh()
+        async with engine.begin() as conn:
+            await write_batch(
+                conn,
+                [
+                    job(
+                        lead_event(
+                            id="seed",
+                            email="race@acme.io",
+                            subject=both,
+                            traits=GOOD,
+                            occurred_at=(now - dt.timedelta(hours=50)).isoformat(),
+                        ),
+                        view("seed-view", 30),
+                    )
+                ],
+                now,
+                pipelines=pipelines,
+            )
+        viewing = job(view("meanwhile", meanwhile_hours))
+        updating = job(
+            lead_event(
+                id="update",
+                email=None,
+                subject=both,
+                traits={"TotalVisits": "9"},
+                occurred_at=(now - dt.timedelta(hours=20)).isoformat(),
+            )
+        )
+        if engine.dialect.name == "postgresql":
+            async with engine.connect() as first, engine.connect() as second:
+                holding = await first.begin()
+                await write_batch(first, [viewing], now, pipelines=pipelines)
+
+                async def waiting() -> None:
+                    async with second.begin():
+                        await write_batch(second, [updating], now, pipelines=pipelines)
+
+                task = asyncio.create_task(waiting())
+                await asyncio.sleep(0.5)
+                assert not task.done()  # waiting for the lead's row lock
+                await holding.commit()
+                await task
+        else:
+            # SQLite runs one writer at a time: the page view commits first.
+            for batch in (viewing, updating):
+                async with engine.begin() as conn:
+                    await write_batch(conn, [batch], now, pipelines=pipelines)
+    finally:
+        await engine.dispose()
+
+    [lead_id] = [uuid.UUID(str(row.lead_id)) for row in await db.rows("SELECT DISTINCT lead_id FROM inbound_event")]
+    async with db.engine.connect() as conn:
+        record = (
+            await conn.execute(
+                sa.select(score_record)
+                .where(score_record.c.lead_id == lead_id, score_record.c.shadow.is_(False))
+                .order_by(score_record.c.scored_at.desc(), score_record.c.id.desc())
+                .limit(1)
+            )
+        ).one()
+        traits = (await repo.lead_traits(conn, [lead_id]))[lead_id]
+        activities = await repo.lead_activities(conn, [lead_id], since=now - dt.timedelta(days=365))
+    assert [a.name for a in activities] == ["Page Viewed", "Page Viewed"]
+    expected = trained.compiled.score(profile_of(traits, activities), now=now)
+    meanwhile_at = now - dt.timedelta(hours=meanwhile_hours)
+    without = trained.compiled.score(
+        profile_of(traits, [a for a in activities if a.occurred_at != meanwhile_at]), now=now
+    )
+    assert without.inputs_digest != expected.inputs_digest  # the page view counts: the test can tell
+    assert (record.score, record.engagement, record.inputs_digest) == (
+        expected.value,
+        expected.engagement,
+        expected.inputs_digest,
+    )
