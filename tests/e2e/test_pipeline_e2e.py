@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import signal
 import time
@@ -61,6 +62,13 @@ async def workers_seen(engine: Any) -> int:
         return int((await conn.execute(sa.text("SELECT count(DISTINCT worker) FROM delivery_attempt"))).scalar_one())
 
 
+async def attempts_by(engine: Any, pid: int) -> int:
+    """Delivery attempts recorded by the worker process `pid` (worker names are host:pid:suffix)."""
+    async with engine.connect() as conn:
+        query = sa.text("SELECT count(*) FROM delivery_attempt WHERE worker LIKE :name")
+        return int((await conn.execute(query, {"name": f"%:{pid}:%"})).scalar_one())
+
+
 @pytest.fixture
 def db(db_url: str) -> Iterator[Database]:
     database = Database(db_url)
@@ -108,7 +116,15 @@ def test_signed_events_become_exactly_routed_crm_handoffs_through_failures(
         sending = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         sent = sending.submit(send_events, server.base, secret)
         logs = [server.log_path, peer.out_path, *workers.logs]
-        wait_until("deliveries under way", lambda: peer.count() >= 60 or sent.done(), timeout=180, logs=logs)
+        # The worker to kill must have delivered some: on a loaded machine it can still be starting
+        # while the other takes the first rows.
+        first = workers.procs[0].pid
+        wait_until(
+            "deliveries under way, the first worker's among them",
+            lambda: (peer.count() >= 60 or sent.done()) and db.run(functools.partial(attempts_by, pid=first)) > 0,
+            timeout=180,
+            logs=logs,
+        )
         workers.procs[0].send_signal(signal.SIGKILL)
         assert workers.procs[0].wait(timeout=10) == -signal.SIGKILL
         replacement = workers.start(log_level="INFO")
