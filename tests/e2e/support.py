@@ -129,6 +129,17 @@ class Database:
         result: dict[str, int] = self.run(go)
         return result
 
+    def attempts_by(self, proc: subprocess.Popen[bytes]) -> int:
+        """Delivery attempts recorded by a worker process (worker names are host:pid:suffix)."""
+
+        async def go(engine: Any) -> int:
+            async with engine.connect() as conn:
+                query = sa.text("SELECT count(*) FROM delivery_attempt WHERE worker LIKE :name")
+                return int((await conn.execute(query, {"name": f"%:{proc.pid}:%"})).scalar_one())
+
+        result: int = self.run(go)
+        return result
+
 
 def wait_until(what: str, check: Callable[[], bool], *, timeout: float, logs: list[Path]) -> None:
     deadline = time.monotonic() + timeout

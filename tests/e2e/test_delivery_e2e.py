@@ -110,7 +110,14 @@ def test_every_handoff_reaches_the_crm_once_recorded_through_failures_and_a_kill
             workers.start()
         logs = [peer.out_path, *workers.logs]
 
-        wait_until("deliveries under way", lambda: peer.count() >= 200, timeout=120, logs=logs)
+        # The worker to kill must have delivered some: on a loaded machine one worker can still be
+        # starting while the other takes the first rows.
+        wait_until(
+            "deliveries under way, every worker's among them",
+            lambda: peer.count() >= 200 and all(db.attempts_by(proc) > 0 for proc in workers.procs),
+            timeout=120,
+            logs=logs,
+        )
         workers.procs[0].send_signal(signal.SIGKILL)
         assert workers.procs[0].wait(timeout=10) == -signal.SIGKILL
         workers.start()
@@ -187,6 +194,9 @@ def test_every_handoff_reaches_the_crm_once_recorded_through_failures_and_a_kill
     delivered_once, more_than_once, unfinished, workers_seen, replayed = db.run(recorded)
     assert (delivered_once, more_than_once, unfinished) == (HANDOFFS, 0, 0)
     assert replayed == REJECTED
-    assert workers_seen == len(workers.procs)  # the killed worker, its replacement (and the second one)
+    # The killed worker had delivered (waited for above), and another process finished its work.
+    # Whether the replacement got rows too is up to the race for them: the surviving worker may
+    # have claimed all that was left before the replacement had started.
+    assert workers_seen >= 2
     # Redeliveries happen (timeouts, cut connections, the killed worker's leases); the key tells the CRM.
     assert duplicates > 0

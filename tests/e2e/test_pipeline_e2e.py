@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import json
 import signal
 import time
@@ -62,13 +61,6 @@ async def workers_seen(engine: Any) -> int:
         return int((await conn.execute(sa.text("SELECT count(DISTINCT worker) FROM delivery_attempt"))).scalar_one())
 
 
-async def attempts_by(engine: Any, pid: int) -> int:
-    """Delivery attempts recorded by the worker process `pid` (worker names are host:pid:suffix)."""
-    async with engine.connect() as conn:
-        query = sa.text("SELECT count(*) FROM delivery_attempt WHERE worker LIKE :name")
-        return int((await conn.execute(query, {"name": f"%:{pid}:%"})).scalar_one())
-
-
 @pytest.fixture
 def db(db_url: str) -> Iterator[Database]:
     database = Database(db_url)
@@ -118,10 +110,9 @@ def test_signed_events_become_exactly_routed_crm_handoffs_through_failures(
         logs = [server.log_path, peer.out_path, *workers.logs]
         # The worker to kill must have delivered some: on a loaded machine it can still be starting
         # while the other takes the first rows.
-        first = workers.procs[0].pid
         wait_until(
             "deliveries under way, the first worker's among them",
-            lambda: (peer.count() >= 60 or sent.done()) and db.run(functools.partial(attempts_by, pid=first)) > 0,
+            lambda: (peer.count() >= 60 or sent.done()) and db.attempts_by(workers.procs[0]) > 0,
             timeout=180,
             logs=logs,
         )
