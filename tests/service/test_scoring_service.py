@@ -64,6 +64,18 @@ async def register(settings: Settings, trained: Any, *, slot: str | None = "acti
         await engine.dispose()
 
 
+async def latest_record(conn: Any, lead_id: uuid.UUID) -> Any:
+    """The lead's latest active (non-shadow) score record."""
+    return (
+        await conn.execute(
+            sa.select(score_record)
+            .where(score_record.c.lead_id == lead_id, score_record.c.shadow.is_(False))
+            .order_by(score_record.c.scored_at.desc(), score_record.c.id.desc())
+            .limit(1)
+        )
+    ).one()
+
+
 @pytest.fixture
 async def ops(settings: Settings) -> dict[str, str]:
     from service.auth import create_key
@@ -183,14 +195,7 @@ async def test_a_batch_scores_on_the_activities_a_read_back_would_give(
     [survivor] = set(answer["lead_ids"])
     lead_id = uuid.UUID(survivor)
     async with db.engine.connect() as conn:
-        record = (
-            await conn.execute(
-                sa.select(score_record)
-                .where(score_record.c.lead_id == lead_id, score_record.c.shadow.is_(False))
-                .order_by(score_record.c.scored_at.desc(), score_record.c.id.desc())
-                .limit(1)
-            )
-        ).one()
+        record = await latest_record(conn, lead_id)
     scored_at = record.scored_at
     async with db.engine.connect() as conn:
         traits = (await repo.lead_traits(conn, [lead_id]))[lead_id]
@@ -446,14 +451,7 @@ async def test_a_batch_that_waited_for_a_leads_lock_scores_on_the_activities_com
 
     [lead_id] = [uuid.UUID(str(row.lead_id)) for row in await db.rows("SELECT DISTINCT lead_id FROM inbound_event")]
     async with db.engine.connect() as conn:
-        record = (
-            await conn.execute(
-                sa.select(score_record)
-                .where(score_record.c.lead_id == lead_id, score_record.c.shadow.is_(False))
-                .order_by(score_record.c.scored_at.desc(), score_record.c.id.desc())
-                .limit(1)
-            )
-        ).one()
+        record = await latest_record(conn, lead_id)
         traits = (await repo.lead_traits(conn, [lead_id]))[lead_id]
         activities = await repo.lead_activities(conn, [lead_id], since=now - dt.timedelta(days=365))
     assert [a.name for a in activities] == ["Page Viewed", "Page Viewed"]
